@@ -1,0 +1,91 @@
+"""EarlyStoppingMixin: stop when the monitored metric stalls or the loss is not finite."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from accel_hydra.mixins.monitoring import MetricMonitoringMixin
+
+__all__ = ["EarlyStoppingMixin"]
+
+
+@dataclass(kw_only=True, eq=False)
+class EarlyStoppingMixin(MetricMonitoringMixin):
+    """Stop training early.
+
+    Args:
+        metric_monitor: the metric whose stalling stops the run (required with
+            ``early_stop``).
+        early_stop: patience: stop after this many validations in a row without
+            improvement. ``None`` never stops on the metric.
+        stop_on_nan: stop as soon as a NaN or infinite loss is seen, and write no
+            checkpoint from then on, so the last one saved is the last good state.
+
+    Every process takes the same decision: the metrics and the loss it reads are
+    averaged over processes before anyone looks at them.
+
+    The loss is checked whenever the loop reads it (logging steps, before each
+    checkpoint, at the end of each epoch), never with an extra sync per batch.
+    """
+
+    early_stop: int | None = None
+    stop_on_nan: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.early_stop is not None:
+            if self.early_stop < 1:
+                raise ValueError(f"early_stop (patience) must be >= 1, got {self.early_stop}")
+            if self.metric_monitor is None:
+                raise ValueError(
+                    f"early_stop={self.early_stop} needs a metric to watch: set metric_monitor,"
+                    " e.g. MetricMonitor(metric_name='loss', mode='min')"
+                )
+        self.nonfinite_loss_step: int | None = None
+        self.stop_reason: str | None = None
+
+    def _read_loss(self) -> float | None:
+        value = super()._read_loss()
+        if (
+            self.stop_on_nan
+            and value is not None
+            and not math.isfinite(value)
+            and self.nonfinite_loss_step is None
+        ):
+            self.nonfinite_loss_step = self.step
+            self.should_stop_training = True
+            self.stop_reason = f"non-finite loss ({value}) by update {self.step}"
+            self.accelerator.print(
+                f"accel_hydra: stopping: loss is {value} by update {self.step} "
+                f"(epoch {self.epoch + 1}); no checkpoint is written from this state, the "
+                "last saved checkpoint is the last good one"
+            )
+        return value
+
+    def _ok_to_save(self) -> bool:
+        if self.stop_on_nan:
+            self._read_loss()
+            if self.nonfinite_loss_step is not None:
+                return False
+        return super()._ok_to_save()
+
+    def _epoch_end_stop_check(self, metrics: dict[str, Any]) -> None:
+        super()._epoch_end_stop_check(metrics)
+        monitor = self.metric_monitor
+        if self.early_stop is None or monitor is None or not metrics:
+            return
+        if monitor.worse_count >= self.early_stop:
+            self.should_stop_training = True
+            self.stop_reason = (
+                f"{monitor.metric_name} did not improve for {monitor.worse_count} epochs "
+                f"(best {monitor.best_value:.6g})"
+            )
+            self.accelerator.print(f"accel_hydra: early stopping: {self.stop_reason}")
+
+    def _end_summary_lines(self) -> list[tuple[str, str]]:
+        lines = super()._end_summary_lines()
+        if self.stop_reason:
+            lines.append(("stopped early", self.stop_reason))
+        return lines

@@ -1,0 +1,145 @@
+"""LoggingMixin: scalars to tensorboardX event files, also via ``accelerator.log``."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from accelerate.tracking import GeneralTracker
+
+from accel_hydra.loop import LoopBase
+
+__all__ = ["LoggingMixin", "TensorBoardXTracker"]
+
+
+class TensorBoardXTracker(GeneralTracker):
+    """An Accelerate tracker writing into the trainer's own tensorboardX writer.
+
+    Registered on the accelerator, it makes a user's ``self.accelerator.log({...},
+    step=self.step)`` land in the same event files as the trainer's own scalars.
+    """
+
+    name = "accel_hydra_tensorboardx"
+    requires_logging_directory = False
+
+    def __init__(self, writer: Any) -> None:
+        super().__init__()
+        self.writer = writer
+
+    @property
+    def tracker(self) -> Any:
+        return self.writer
+
+    def store_init_configuration(self, values: dict) -> None:
+        self.writer.add_text("config", _as_code_block(values))
+
+    def log(self, values: dict, step: int | None = None, **kwargs: Any) -> None:
+        for key, value in values.items():
+            if isinstance(value, str):
+                self.writer.add_text(key, value, global_step=step)
+            else:
+                value = value.item() if hasattr(value, "item") else value
+                self.writer.add_scalar(key, value, global_step=step)
+
+
+@dataclass(kw_only=True, eq=False)
+class LoggingMixin(LoopBase):
+    """Log training and validation scalars.
+
+    Every ``log_every_n_steps`` updates it logs ``train/loss`` (the mean since the last
+    log), ``train/lr`` (the rate the update used), ``train/grad_norm`` (when gradient
+    clipping computed one) and ``train/samples_per_sec``; after each validation, every
+    metric as ``val/<name>``; at the start, the run's ``config_dict`` as text.
+
+    Args:
+        log_dir: where event files go; default ``{project_dir}/logs``.
+        log_every_n_steps: log every this many optimizer updates. The loss is moved
+            off the device only on these steps.
+        report_to: ``"tensorboard"`` (tensorboardX) or ``None`` (log nothing).
+    """
+
+    log_dir: str | None = None
+    log_every_n_steps: int = 50
+    report_to: str | None = "tensorboard"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.report_to not in ("tensorboard", None):
+            raise ValueError(f"report_to must be 'tensorboard' or None, got {self.report_to!r}")
+        if self.log_every_n_steps < 1:
+            raise ValueError(f"log_every_n_steps must be >= 1, got {self.log_every_n_steps}")
+        if self.log_dir is None:
+            self.log_dir = os.path.join(self.project_dir, "logs")
+        self.log_dir = str(self.log_dir)
+        self._writer = None
+        self._lr_of_update: float | None = None
+
+    def log(self, values: dict[str, Any], step: int | None = None) -> None:
+        """Write scalars (floats or scalar tensors) at ``step`` (default: ``self.step``).
+
+        Call it from any process; only the main process writes.
+        """
+        if self._writer is None:
+            return
+        for key, value in values.items():
+            if value is None:
+                continue
+            value = value.item() if hasattr(value, "item") else value
+            self._writer.add_scalar(key, value, global_step=self.step if step is None else step)
+
+    def _is_logging_step(self) -> bool:
+        return super()._is_logging_step() or self.step % self.log_every_n_steps == 0
+
+    def _after_prepare(self) -> None:
+        super()._after_prepare()
+        if self.report_to is None or not self.accelerator.is_main_process:
+            return
+        from tensorboardX import SummaryWriter  # imported late: only the writer needs it
+
+        self._writer = SummaryWriter(logdir=self.log_dir)
+        self._tracker = TensorBoardXTracker(self._writer)
+        self.accelerator.trackers.append(self._tracker)
+        if self.config_dict:
+            self._tracker.store_init_configuration(self.config_dict)
+
+    def _before_optimizer_step(self) -> None:
+        super()._before_optimizer_step()
+        if (self.step + 1) % self.log_every_n_steps == 0:
+            self._lr_of_update = self.optimizer.param_groups[0]["lr"]
+
+    def _after_update(self) -> None:
+        super()._after_update()
+        if self._writer is None or self.step % self.log_every_n_steps:
+            return
+        self.log(
+            {
+                "train/loss": self.last_loss,
+                "train/lr": self._lr_of_update,
+                "train/grad_norm": getattr(self, "last_grad_norm", None),
+                "train/samples_per_sec": self._samples_per_second,
+            }
+        )
+
+    def _after_validation(self, metrics: dict[str, Any]) -> None:
+        super()._after_validation(metrics)
+        self.log({f"val/{name}": value for name, value in metrics.items()})
+
+    def _after_train(self) -> None:
+        super()._after_train()
+        if self._writer is not None:
+            self._writer.close()
+            self.accelerator.trackers.remove(self._tracker)
+            self._writer = None
+
+    def _summary_lines(self) -> list[tuple[str, str]]:
+        lines = super()._summary_lines()
+        where = self.log_dir if self.report_to else "off"
+        lines.append(("logs", f"{where} (every {self.log_every_n_steps} updates)"))
+        return lines
+
+
+def _as_code_block(values: dict) -> str:
+    text = json.dumps(values, indent=2, sort_keys=True, default=str)
+    return "\n".join("    " + line for line in text.splitlines())

@@ -1,0 +1,109 @@
+"""LRSchedulingMixin: step an LR scheduler once per optimizer update, or once per epoch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch.optim.lr_scheduler import ReduceLROnPlateau
+
+from accel_hydra.mixins.monitoring import MetricMonitoringMixin
+from accel_hydra.schedules import build_lr_scheduler, is_lr_scheduler
+
+__all__ = ["LRSchedulingMixin"]
+
+
+@dataclass(kw_only=True, eq=False)
+class LRSchedulingMixin(MetricMonitoringMixin):
+    """Drive a learning-rate scheduler from the loop.
+
+    Args:
+        lr_scheduler: an ``LRScheduler`` built on the optimizer, or a callable (a Hydra
+            ``_partial_``) called after ``accelerator.prepare`` with the optimizer and,
+            where its signature requires one, the schedule length (``num_training_steps``,
+            ``total_steps``, ``T_max`` or ``total_iters``) computed from the true
+            number of updates. ``ReduceLROnPlateau`` is stepped with the monitored metric.
+        lr_scheduler_interval: ``"step"`` steps once per optimizer update (never once per
+            batch or per process, so gradient accumulation and the number of processes
+            do not change the schedule); ``"epoch"`` steps once per epoch.
+
+    The scheduler is not handed to ``accelerator.prepare`` (which would step it once per
+    process); its state is saved in every checkpoint.
+    """
+
+    lr_scheduler: Any = None
+    lr_scheduler_interval: str = "step"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.lr_scheduler_interval not in ("step", "epoch"):
+            raise ValueError(
+                "lr_scheduler_interval must be 'step' or 'epoch', "
+                f"got {self.lr_scheduler_interval!r}"
+            )
+        if self.lr_scheduler is not None and not (
+            is_lr_scheduler(self.lr_scheduler) or callable(self.lr_scheduler)
+        ):
+            raise TypeError(
+                "lr_scheduler must be an LRScheduler or a callable taking the optimizer, "
+                f"got {type(self.lr_scheduler).__name__}"
+            )
+
+    def _after_prepare(self) -> None:
+        super()._after_prepare()
+        if self.lr_scheduler is None:
+            return
+        if not is_lr_scheduler(self.lr_scheduler):
+            optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
+            per_epoch = self.updates_per_epoch if self.lr_scheduler_interval == "step" else 1
+            self.lr_scheduler = build_lr_scheduler(
+                self.lr_scheduler, optimizer, total_steps=self.epochs * per_epoch
+            )
+        if isinstance(self.lr_scheduler, ReduceLROnPlateau):
+            if self.lr_scheduler_interval != "epoch":
+                raise ValueError(
+                    "ReduceLROnPlateau steps on a validation metric: set "
+                    "lr_scheduler_interval='epoch'"
+                )
+            if self.metric_monitor is None:
+                raise ValueError(
+                    "ReduceLROnPlateau needs the metric to watch: set metric_monitor, e.g. "
+                    "MetricMonitor(metric_name='loss', mode='min')"
+                )
+
+    def _after_optimizer_step(self) -> None:
+        super()._after_optimizer_step()
+        if (
+            self.lr_scheduler is not None
+            and self.lr_scheduler_interval == "step"
+            and not self.accelerator.optimizer_step_was_skipped
+        ):
+            self.lr_scheduler.step()
+
+    def _epoch_end_schedule(self, metrics: dict[str, Any]) -> None:
+        super()._epoch_end_schedule(metrics)
+        if self.lr_scheduler is None or self.lr_scheduler_interval != "epoch":
+            return
+        if isinstance(self.lr_scheduler, ReduceLROnPlateau):
+            if metrics:
+                self.lr_scheduler.step(self.metric_monitor.value_from(metrics))
+        else:
+            self.lr_scheduler.step()
+
+    def _state_to_save(self) -> dict[str, Any]:
+        state = super()._state_to_save()
+        if self.lr_scheduler is not None:
+            state["lr_scheduler"] = self.lr_scheduler.state_dict()
+        return state
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        super()._load_state(state)
+        if self.lr_scheduler is not None and "lr_scheduler" in state:
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+
+    def _summary_lines(self) -> list[tuple[str, str]]:
+        lines = super()._summary_lines()
+        if self.lr_scheduler is not None:
+            name = type(self.lr_scheduler).__name__
+            lines.append(("lr schedule", f"{name}, stepped per {self.lr_scheduler_interval}"))
+        return lines

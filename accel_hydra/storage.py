@@ -1,0 +1,215 @@
+"""CheckpointStore: every byte of a checkpoint moves through here, via fsspec.
+
+The checkpoint mixin decides *what* to save and *when*; this store decides *how*:
+where a checkpoint is staged, how it reaches ``checkpoint_dir``, how it is committed,
+listed, pruned and fetched back.
+
+A checkpoint ``<checkpoint_dir>/<name>/`` exists only once its commit marker
+(:data:`MARKER`) is stored, and the marker is always written last. Readers
+(``latest``, pruning, resume) ignore any directory without it, so a save killed
+half-way is invisible.
+
+On a local filesystem a checkpoint is written into a hidden staging directory beside
+its final place and renamed into place after the marker is written, so replacing
+``best`` never leaves a half-written ``best`` behind. Other filesystems stage on
+local disk and upload the files, the marker last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from accel_hydra.retention import checkpoint_order
+
+__all__ = ["MARKER", "CheckpointStore", "CheckpointNotFoundError"]
+
+#: File whose presence makes a checkpoint directory committed. Holds its progress record.
+MARKER = "accel_hydra_committed.json"
+_STAGING_PREFIX = ".staging-"
+_RETIRED_PREFIX = ".retired-"
+
+
+class CheckpointNotFoundError(FileNotFoundError):
+    """Raised when a checkpoint to resume from is missing or was never committed."""
+
+
+class CheckpointStore:
+    """Stage, commit, list, prune and fetch checkpoints under one fsspec URL.
+
+    Args:
+        url: a local path, ``file://`` URL or any fsspec URL (``memory://``, ``s3://``...).
+        storage_options: keyword arguments for the fsspec filesystem (credentials, endpoint).
+
+    Example:
+        >>> store = CheckpointStore("/tmp/run/checkpoints")  # doctest: +SKIP
+        >>> stage = store.staging_dir("step_100")            # doctest: +SKIP
+        >>> ...  # write files into stage
+        >>> store.commit("step_100", stage, {"step": 100, "epoch": 1})  # doctest: +SKIP
+    """
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
+        self.url = str(url)
+        self.fs, root = fsspec.core.url_to_fs(self.url, **(storage_options or {}))
+        self.root = root.rstrip("/") or "/"
+        self.is_local = isinstance(self.fs, LocalFileSystem)
+
+    def path(self, name: str) -> str:
+        """Path of checkpoint ``name`` on the store's filesystem."""
+        return f"{self.root}/{name}"
+
+    def display(self, name: str | None = None) -> str:
+        """Human-readable location of the store or of one checkpoint in it."""
+        base = self.url.rstrip("/")
+        return base if name is None else f"{base}/{name}"
+
+    # -- writing ---------------------------------------------------------------------
+
+    def staging_dir(self, name: str) -> str:
+        """A local directory to write checkpoint ``name`` into, the same on every process.
+
+        Local stores stage beside the final place (a rename then commits it); remote
+        stores stage under the system temp directory, keyed by the store URL.
+        """
+        if self.is_local:
+            return os.path.join(self.root, _STAGING_PREFIX + name)
+        key = hashlib.sha1(self.url.encode()).hexdigest()[:16]
+        return os.path.join(tempfile.gettempdir(), "accel_hydra_stage", key, name)
+
+    def clear_staging(self, name: str) -> None:
+        """Remove a stale staging directory left by an earlier, interrupted save."""
+        shutil.rmtree(self.staging_dir(name), ignore_errors=True)
+
+    def commit(self, name: str, staged: str, info: dict[str, Any]) -> None:
+        """Make the files in ``staged`` the committed checkpoint ``name``.
+
+        Args:
+            name: checkpoint name (``step_100``, ``epoch_3``, ``best``...).
+            staged: local directory holding every file of the checkpoint.
+            info: progress record (at least ``step`` and ``epoch``) stored in the marker.
+        """
+        marker = json.dumps(info, sort_keys=True)
+        if self.is_local:
+            with open(os.path.join(staged, MARKER), "w") as f:
+                f.write(marker)
+                f.flush()
+                os.fsync(f.fileno())
+            self._swap_into_place(name, staged)
+            return
+        target = self.path(name)
+        if self.fs.exists(target):
+            self.delete(name)
+        for dirpath, _, filenames in os.walk(staged):
+            for filename in filenames:
+                local = os.path.join(dirpath, filename)
+                rel = os.path.relpath(local, staged).replace(os.sep, "/")
+                self.fs.put_file(local, f"{target}/{rel}")
+        with self.fs.open(f"{target}/{MARKER}", "w") as f:
+            f.write(marker)
+        shutil.rmtree(staged, ignore_errors=True)
+
+    def _swap_into_place(self, name: str, staged: str) -> None:
+        final = self.path(name)
+        retired = self.path(_RETIRED_PREFIX + name)
+        shutil.rmtree(retired, ignore_errors=True)
+        if os.path.exists(final):
+            os.rename(final, retired)
+        os.rename(staged, final)
+        shutil.rmtree(retired, ignore_errors=True)
+
+    def recover(self) -> None:
+        """Finish a local commit that was interrupted between its two renames.
+
+        A committed staging directory whose final place is empty is moved into place;
+        leftovers of replaced checkpoints are removed. Call on one process only.
+        """
+        if not self.is_local or not os.path.isdir(self.root):
+            return
+        for entry in sorted(os.listdir(self.root)):
+            full = os.path.join(self.root, entry)
+            if entry.startswith(_STAGING_PREFIX):
+                name = entry[len(_STAGING_PREFIX) :]
+                committed = os.path.exists(os.path.join(full, MARKER))
+                if committed and not os.path.exists(self.path(name)):
+                    os.rename(full, self.path(name))
+            elif entry.startswith(_RETIRED_PREFIX):
+                name = entry[len(_RETIRED_PREFIX) :]
+                if os.path.exists(os.path.join(self.path(name), MARKER)):
+                    shutil.rmtree(full, ignore_errors=True)
+                elif os.path.exists(os.path.join(full, MARKER)):
+                    shutil.rmtree(self.path(name), ignore_errors=True)
+                    os.rename(full, self.path(name))
+
+    # -- reading ---------------------------------------------------------------------
+
+    def committed(self) -> dict[str, dict[str, Any]]:
+        """Every committed checkpoint: name -> the progress record in its marker."""
+        try:
+            entries = self.fs.ls(self.root, detail=True)
+        except FileNotFoundError:
+            return {}
+        found = {}
+        for entry in entries:
+            name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
+            if entry["type"] != "directory" or name.startswith("."):
+                continue
+            info = self.read_marker(name)
+            if info is not None:
+                found[name] = info
+        return found
+
+    def latest(self) -> str | None:
+        """The committed checkpoint with the most training progress, or None."""
+        committed = self.committed()
+        if not committed:
+            return None
+        return max(committed, key=lambda name: checkpoint_order(name, committed[name]))
+
+    def read_marker(self, name: str) -> dict[str, Any] | None:
+        """The progress record of checkpoint ``name``, or None if it is not committed."""
+        try:
+            with self.fs.open(f"{self.path(name)}/{MARKER}", "r") as f:
+                return json.loads(f.read())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def delete(self, name: str) -> None:
+        """Delete checkpoint ``name``: the marker first, so a partial delete is uncommitted."""
+        try:
+            self.fs.rm(f"{self.path(name)}/{MARKER}")
+        except FileNotFoundError:
+            pass
+        if self.fs.exists(self.path(name)):
+            self.fs.rm(self.path(name), recursive=True)
+
+    def fetch(self, name: str, cache_dir: str | None = None) -> str:
+        """A local directory holding checkpoint ``name``, downloading it if remote.
+
+        Raises:
+            CheckpointNotFoundError: the checkpoint is missing or has no commit marker.
+        """
+        if self.read_marker(name) is None:
+            where = self.display(name)
+            if self.fs.exists(self.path(name)):
+                raise CheckpointNotFoundError(
+                    f"checkpoint {where} has no commit marker ({MARKER}): its save did not "
+                    "finish. Resume from another checkpoint, or use 'latest'."
+                )
+            raise CheckpointNotFoundError(
+                f"checkpoint {where} does not exist. Check resume_from_checkpoint, or use "
+                "'latest' to pick the newest committed checkpoint."
+            )
+        if self.is_local:
+            return self.path(name)
+        key = hashlib.sha1(self.url.encode()).hexdigest()[:16]
+        local = os.path.join(cache_dir or tempfile.gettempdir(), "accel_hydra_fetch", key, name)
+        shutil.rmtree(local, ignore_errors=True)
+        self.fs.get(self.path(name) + "/", local + "/", recursive=True)
+        return local
