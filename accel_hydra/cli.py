@@ -20,11 +20,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-c", "--config", required=True, help="the YAML config file")
     parser.add_argument(
-        "-o", "--overrides", nargs="*", default=[], metavar="KEY=VALUE",
+        "-o",
+        "--overrides",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
         help="overrides, e.g. trainer.epochs=5 optimizer.lr=1e-3 (+key=value adds a key)",
     )
     parser.add_argument(
-        "--launcher", default=None, metavar="PKG.MODULE.CLASS",
+        "--launcher",
+        default=None,
+        metavar="PKG.MODULE.CLASS",
         help="a TrainLauncher subclass to use instead of the default",
     )
     return parser

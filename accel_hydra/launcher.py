@@ -41,8 +41,12 @@ class TrainLauncher:
 
     def run(self) -> Any:
         """Load the config, build every object, train; return the trainer."""
+        from accelerate.utils import set_seed
+
         self.register_resolvers()
         config = self.load_config()
+        if config.get("seed") is not None:
+            set_seed(config.seed)  # before the model exists, so its initial weights repeat
         trainer = self.build_trainer(config)
         trainer.train(seed=config.get("seed"))
         return trainer
@@ -64,9 +68,7 @@ class TrainLauncher:
         for override in self.overrides:
             key, sep, value = override.partition("=")
             if not sep or not key.lstrip("+"):
-                raise ConfigError(
-                    f"override {override!r} is not key=value (in {self.config_path})"
-                )
+                raise ConfigError(f"override {override!r} is not key=value (in {self.config_path})")
             adding = key.startswith("+")
             key = key.lstrip("+")
             if not adding and OmegaConf.select(config, key, default=_MISSING) is _MISSING:
@@ -130,7 +132,9 @@ class TrainLauncher:
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
             lines = [line for line in str(err).strip().splitlines() if line.strip()]
-            where = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("full_key:")), key)
+            where = next(
+                (ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("full_key:")), key
+            )
             reason = " ".join(ln.strip() for ln in lines if not ln.startswith("full_key:"))
             raise ConfigError(
                 f"cannot build '{where}' from {self.config_path}: {reason} "

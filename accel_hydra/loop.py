@@ -43,6 +43,7 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
 
 from accel_hydra.console import EpochProgress, format_summary
+from accel_hydra.rng import capture_rng_state, restore_rng_state
 
 __all__ = ["LoopBase"]
 
@@ -120,6 +121,7 @@ class LoopBase(ABC):
         self._loss_count = 0
         self._samples_per_second: float | None = None
         self._throughput_mark = (0.0, 0)
+        self._rng_after_restore: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ user API
 
@@ -234,15 +236,17 @@ class LoopBase(ABC):
             available = None
         if self.epoch_length is None and available is None:
             raise ValueError(
-                "train_dataloader has no len(); set epoch_length to the number of batches "
-                "per epoch"
+                "train_dataloader has no len(); set epoch_length to the number of batches per epoch"
             )
-        if self.epoch_length is not None and available is not None:
-            if self.epoch_length > available:
-                raise ValueError(
-                    f"epoch_length={self.epoch_length} exceeds the {available} batches this "
-                    "process's train_dataloader yields; lower epoch_length or leave it unset"
-                )
+        if (
+            self.epoch_length is not None
+            and available is not None
+            and self.epoch_length > available
+        ):
+            raise ValueError(
+                f"epoch_length={self.epoch_length} exceeds the {available} batches this "
+                "process's train_dataloader yields; lower epoch_length or leave it unset"
+            )
         self._epoch_batches_total = self.epoch_length or available
         # A cut-short epoch never reaches the dataloader's end, where Accelerate would
         # flush a partial accumulation; the loop forces that update itself instead.
@@ -300,7 +304,17 @@ class LoopBase(ABC):
             loader = self.accelerator.skip_first_batches(loader, start)
             if hasattr(loader, "set_epoch"):
                 loader.set_epoch(self.epoch)
-        for batch_idx, batch in enumerate(loader, start=start):
+        batches = enumerate(loader, start=start)
+        first = next(batches, None)
+        if self._rng_after_restore is not None:
+            restore_rng_state(self._rng_after_restore)
+            self._rng_after_restore = None
+        if first is None:
+            return
+        yield first
+        if first[0] + 1 >= self._epoch_batches_total:
+            return
+        for batch_idx, batch in batches:
             yield batch_idx, batch
             if batch_idx + 1 >= self._epoch_batches_total:
                 return
@@ -353,7 +367,8 @@ class LoopBase(ABC):
             return {k: _to_float(v) for k, v in metrics.items()}
         names = sorted(metrics)
         values = torch.tensor(
-            [_to_float(metrics[k]) for k in names], dtype=torch.float64,
+            [_to_float(metrics[k]) for k in names],
+            dtype=torch.float64,
             device=self.accelerator.device,
         )
         values = self.accelerator.reduce(values, reduction="mean")
@@ -454,6 +469,9 @@ class LoopBase(ABC):
         self.step = int(state["step"])
         self._batches_in_epoch = int(state["batches_in_epoch"])
         self.val_metrics = dict(state.get("val_metrics", {}))
+        if self._batches_in_epoch:
+            # Called after the RNG states were restored: keep them for _epoch_batches.
+            self._rng_after_restore = capture_rng_state()
 
     def _after_train(self) -> None:
         pass

@@ -17,6 +17,7 @@ local disk and upload the files, the marker last.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -125,21 +126,28 @@ class CheckpointStore:
         shutil.rmtree(retired, ignore_errors=True)
 
     def recover(self) -> None:
-        """Finish a local commit that was interrupted between its two renames.
+        """Finish or undo a local save that was interrupted. Call on one process only.
 
-        A committed staging directory whose final place is empty is moved into place;
-        leftovers of replaced checkpoints are removed. Call on one process only.
+        A staging directory with its marker was committed but not yet moved into
+        place: it is moved now. One without a marker is an unfinished save: it is
+        removed. A retired copy (the checkpoint a commit was replacing) is removed
+        when its replacement is in place, and put back when it is not.
         """
         if not self.is_local or not os.path.isdir(self.root):
             return
-        for entry in sorted(os.listdir(self.root)):
-            full = os.path.join(self.root, entry)
+        entries = sorted(os.listdir(self.root))
+        for entry in entries:
             if entry.startswith(_STAGING_PREFIX):
-                name = entry[len(_STAGING_PREFIX) :]
-                committed = os.path.exists(os.path.join(full, MARKER))
-                if committed and not os.path.exists(self.path(name)):
-                    os.rename(full, self.path(name))
-            elif entry.startswith(_RETIRED_PREFIX):
+                full = os.path.join(self.root, entry)
+                if os.path.exists(os.path.join(full, MARKER)):
+                    self._swap_into_place(entry[len(_STAGING_PREFIX) :], full)
+                else:
+                    shutil.rmtree(full, ignore_errors=True)
+        for entry in entries:
+            if entry.startswith(_RETIRED_PREFIX):
+                full = os.path.join(self.root, entry)
+                if not os.path.exists(full):
+                    continue
                 name = entry[len(_RETIRED_PREFIX) :]
                 if os.path.exists(os.path.join(self.path(name), MARKER)):
                     shutil.rmtree(full, ignore_errors=True)
@@ -182,10 +190,8 @@ class CheckpointStore:
 
     def delete(self, name: str) -> None:
         """Delete checkpoint ``name``: the marker first, so a partial delete is uncommitted."""
-        try:
+        with contextlib.suppress(FileNotFoundError):
             self.fs.rm(f"{self.path(name)}/{MARKER}")
-        except FileNotFoundError:
-            pass
         if self.fs.exists(self.path(name)):
             self.fs.rm(self.path(name), recursive=True)
 

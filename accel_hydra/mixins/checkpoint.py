@@ -126,10 +126,7 @@ class CheckpointMixin(MetricMonitoringMixin):
         super()._after_update()
         if self.save_every_n_steps and self.step % self.save_every_n_steps == 0:
             self.save_checkpoint(f"step_{self.step}")
-        if (
-            self.permanent_save_every_n_steps
-            and self.step % self.permanent_save_every_n_steps == 0
-        ):
+        if self.permanent_save_every_n_steps and self.step % self.permanent_save_every_n_steps == 0:
             self.save_checkpoint(f"permanent_step_{self.step}")
 
     def _epoch_end_checkpoint(self, metrics: dict[str, Any]) -> None:

@@ -1,0 +1,102 @@
+"""Shared fixtures: tiny real models and data, and a clean Accelerate state per test."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from accel_hydra import LoopBase, Trainer
+
+os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Accelerate keeps process-wide singletons; give every test its own."""
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def regression_data(n: int = 96, seed: int = 0) -> TensorDataset:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, generator=generator)
+    y = x @ torch.tensor([[1.0], [-2.0], [0.5], [3.0]]) + 0.1 * torch.randn(
+        n, 1, generator=generator
+    )
+    return TensorDataset(x, y)
+
+
+def make_loader(n: int = 96, batch_size: int = 8, shuffle: bool = True, seed: int = 0):
+    return DataLoader(regression_data(n, seed), batch_size=batch_size, shuffle=shuffle)
+
+
+def make_model(dropout: float = 0.0) -> nn.Module:
+    return nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Dropout(dropout), nn.Linear(16, 1))
+
+
+class ToySteps:
+    """training_step / validation_step for the regression data, with optional scripted
+    validation metrics (one dict per epoch) so tests can dictate what a monitor sees."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.mse_loss(self.model(x), y)
+
+    def on_validation_start(self):
+        self._val_sum = 0.0
+        self._val_n = 0
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self._val_sum += nn.functional.mse_loss(self.model(x), y, reduction="sum")
+        self._val_n += y.numel()
+
+    def get_val_metrics(self):
+        script = getattr(self, "scripted_metrics", None)
+        if script:
+            return dict(script[self.epoch])
+        return {"loss": (self._val_sum / self._val_n).item()}
+
+
+@dataclass(kw_only=True, eq=False)
+class ToyTrainer(ToySteps, Trainer):
+    scripted_metrics: list = field(default_factory=list)
+
+
+def compose(*mixins):
+    """A trainer class made of ``mixins`` over LoopBase, with the toy steps."""
+    cls = type("Composed", (ToySteps, *mixins, LoopBase), {"__annotations__": {}})
+    return dataclass(kw_only=True, eq=False)(cls)
+
+
+def trainer_kwargs(tmp_path, **overrides):
+    """Keyword arguments for a small, fast run in ``tmp_path``."""
+    model = make_model()
+    kwargs = dict(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
+        train_dataloader=make_loader(),
+        val_dataloader=make_loader(shuffle=False, seed=1),
+        epochs=2,
+        project_dir=str(tmp_path),
+        progress_bar=False,
+    )
+    kwargs.update(overrides)
+    return kwargs
+
+
+def parameters_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_parameters(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"parameter {key} differs"

@@ -1,0 +1,123 @@
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from accel_hydra import EarlyStoppingMixin, MetricMonitor
+from accel_hydra.mixins.checkpoint import TRAINER_STATE_FILE
+from accel_hydra.storage import CheckpointStore
+from tests.conftest import ToyTrainer, compose, parameters_of, trainer_kwargs
+
+EarlyStopOnly = compose(EarlyStoppingMixin)
+
+
+def run_scripted(tmp_path, values, patience, mode="min", min_delta=0.0, cls=EarlyStopOnly):
+    loop = cls(
+        **trainer_kwargs(tmp_path, epochs=len(values)),
+        metric_monitor=MetricMonitor(metric_name="loss", mode=mode, min_delta=min_delta),
+        early_stop=patience,
+    )
+    loop.scripted_metrics = [{"loss": v} for v in values]
+    loop.train(seed=0)
+    return loop
+
+
+def test_stops_after_patience_epochs_without_improvement(tmp_path):
+    loop = run_scripted(tmp_path, [1.0, 0.9, 0.95, 0.93, 0.91, 0.5, 0.4], patience=3)
+    assert loop.epoch == 5
+    assert loop.should_stop_training
+
+
+def test_an_improvement_resets_patience(tmp_path):
+    loop = run_scripted(tmp_path, [1.0, 1.1, 0.9, 1.0, 0.8, 0.85], patience=2)
+    assert loop.epoch == 6
+    assert not loop.should_stop_training
+
+
+def test_min_delta_ignores_tiny_improvements(tmp_path):
+    loop = run_scripted(tmp_path, [1.0, 0.99, 0.98, 0.97, 0.5], patience=2, min_delta=0.05)
+    assert loop.epoch == 3
+
+
+def test_max_mode(tmp_path):
+    loop = run_scripted(tmp_path, [0.5, 0.6, 0.7, 0.65, 0.6, 0.9], patience=2, mode="max")
+    assert loop.epoch == 5
+    assert loop.metric_monitor.best_value == 0.7
+
+
+def test_patience_without_a_monitor_is_an_error_at_construction(tmp_path):
+    with pytest.raises(ValueError, match="early_stop=3 needs a metric to watch"):
+        EarlyStopOnly(**trainer_kwargs(tmp_path), early_stop=3)
+
+
+def test_missing_metric_error_lists_returned_keys(tmp_path):
+    loop = EarlyStopOnly(
+        **trainer_kwargs(tmp_path),
+        metric_monitor=MetricMonitor(metric_name="accuracy"),
+        early_stop=2,
+    )
+    with pytest.raises(KeyError, match=r"'accuracy' not in get_val_metrics\(\) keys \['loss'\]"):
+        loop.train(seed=0)
+
+
+@dataclass(kw_only=True, eq=False)
+class NaNAfter(ToyTrainer):
+    """Loss becomes NaN from this update on (as a diverging run would)."""
+
+    nan_from_step: int = 10**9
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * math.nan if self.step >= self.nan_from_step else loss
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    trainer = NaNAfter(
+        **trainer_kwargs(tmp_path, epochs=4),
+        save_every_n_steps=5,
+        save_last_k=2,
+        log_every_n_steps=3,
+        nan_from_step=17,
+        report_to=None,
+    )
+    saved = {}
+    trainer.on_train_epoch_end = lambda: saved.setdefault(
+        trainer.epoch, parameters_of(trainer.model)
+    )
+    trainer.train(seed=0)
+
+    assert trainer.should_stop_training
+    assert trainer.nonfinite_loss_step == 18  # first logging step after the NaN
+    assert trainer.epoch == 1
+    store = CheckpointStore(trainer.checkpoint_dir)
+    assert sorted(store.committed()) == ["epoch_1", "step_15"]
+    state = torch.load(f"{trainer.checkpoint_dir}/step_15/{TRAINER_STATE_FILE}", weights_only=False)
+    assert state["step"] == 15
+    # The checkpoint holds finite weights.
+    from safetensors.torch import load_file
+
+    weights = load_file(f"{trainer.checkpoint_dir}/step_15/model.safetensors")
+    assert all(torch.isfinite(t).all() for t in weights.values())
+    assert all(torch.isfinite(t).all() for t in saved[1].values())
+
+
+def test_nan_at_epoch_end_is_caught_before_the_epoch_checkpoint(tmp_path):
+    trainer = NaNAfter(
+        **trainer_kwargs(tmp_path, epochs=3),
+        log_every_n_steps=1000,
+        nan_from_step=20,
+        report_to=None,
+    )
+    trainer.train(seed=0)
+    assert trainer.nonfinite_loss_step == 24
+    assert sorted(CheckpointStore(trainer.checkpoint_dir).committed()) == ["epoch_1"]
+
+
+def test_stop_on_nan_false_keeps_training(tmp_path):
+    trainer = NaNAfter(
+        **trainer_kwargs(tmp_path, epochs=2), nan_from_step=3, stop_on_nan=False, report_to=None
+    )
+    trainer.train(seed=0)
+    assert trainer.epoch == 2
+    assert math.isnan(trainer.last_loss)

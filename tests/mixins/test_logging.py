@@ -1,0 +1,64 @@
+from dataclasses import dataclass
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from accel_hydra import GradClipMixin, LoggingMixin
+from tests.conftest import compose, trainer_kwargs
+
+Logged = compose(GradClipMixin, LoggingMixin)
+
+
+@dataclass(kw_only=True, eq=False)
+class UserLogging(Logged):
+    def on_train_epoch_end(self):
+        self.accelerator.log({"user/epoch_marker": float(self.epoch)}, step=self.step)
+
+
+def read_events(log_dir):
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    return events
+
+
+def test_scalars_land_in_event_files(tmp_path):
+    trainer = UserLogging(
+        **trainer_kwargs(tmp_path, config_dict={"optimizer": {"lr": 0.05}}),
+        log_every_n_steps=5,
+        max_grad_norm=10.0,
+    )
+    trainer.train(seed=0)
+    events = read_events(tmp_path / "logs")
+    scalars = set(events.Tags()["scalars"])
+    assert {
+        "train/loss",
+        "train/lr",
+        "train/grad_norm",
+        "train/samples_per_sec",
+        "val/loss",
+        "user/epoch_marker",
+    } <= scalars
+    assert [e.step for e in events.Scalars("train/loss")] == [5, 10, 15, 20]
+    assert [e.value for e in events.Scalars("train/lr")] == pytest.approx([0.05] * 4)
+    assert [e.step for e in events.Scalars("val/loss")] == [12, 24]
+    assert [e.value for e in events.Scalars("user/epoch_marker")] == [1.0, 2.0]
+    assert "config/text_summary" in events.Tags()["tensors"]
+
+
+def test_self_log_writes_user_scalars(tmp_path):
+    trainer = Logged(**trainer_kwargs(tmp_path, epochs=1))
+    trainer.on_train_end = lambda: trainer.log({"custom/value": 3.5}, step=7)
+    trainer.train(seed=0)
+    events = read_events(tmp_path / "logs")
+    assert [(e.step, e.value) for e in events.Scalars("custom/value")] == [(7, 3.5)]
+
+
+def test_report_to_none_writes_nothing(tmp_path):
+    trainer = Logged(**trainer_kwargs(tmp_path, epochs=1), report_to=None)
+    trainer.train(seed=0)
+    assert not (tmp_path / "logs").exists()
+
+
+def test_unknown_backend_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="report_to must be 'tensorboard' or None"):
+        Logged(**trainer_kwargs(tmp_path), report_to="wandb")

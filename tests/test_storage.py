@@ -1,0 +1,94 @@
+import json
+import os
+
+import pytest
+
+from accel_hydra.storage import MARKER, CheckpointNotFoundError, CheckpointStore
+
+
+def stage(store, name, payload="weights"):
+    staged = store.staging_dir(name)
+    os.makedirs(staged, exist_ok=True)
+    with open(os.path.join(staged, "model.bin"), "w") as f:
+        f.write(payload)
+    return staged
+
+
+def commit(store, name, step, epoch=0, payload="weights"):
+    store.commit(name, stage(store, name, payload), {"step": step, "epoch": epoch})
+
+
+def test_commit_writes_marker_and_lists_checkpoint(tmp_path):
+    store = CheckpointStore(str(tmp_path))
+    commit(store, "step_5", 5)
+    assert json.loads((tmp_path / "step_5" / MARKER).read_text())["step"] == 5
+    assert list(store.committed()) == ["step_5"]
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
+
+
+def test_directory_without_marker_does_not_exist(tmp_path):
+    store = CheckpointStore(f"file://{tmp_path}")
+    commit(store, "step_5", 5)
+    (tmp_path / "step_9").mkdir()
+    (tmp_path / "step_9" / "model.bin").write_text("half")
+    assert set(store.committed()) == {"step_5"}
+    assert store.latest() == "step_5"
+    with pytest.raises(CheckpointNotFoundError, match="step_9 has no commit marker"):
+        store.fetch("step_9")
+
+
+def test_latest_is_most_progress_not_name(tmp_path):
+    store = CheckpointStore(str(tmp_path))
+    commit(store, "step_10", 10)
+    commit(store, "step_9", 9)
+    commit(store, "best", 10, 1)
+    commit(store, "epoch_1", 10, 1)
+    assert store.latest() == "epoch_1"
+
+
+def test_replacing_best_keeps_only_new_contents(tmp_path):
+    store = CheckpointStore(str(tmp_path))
+    commit(store, "best", 1, payload="old")
+    commit(store, "best", 2, payload="new")
+    assert (tmp_path / "best" / "model.bin").read_text() == "new"
+    assert store.read_marker("best")["step"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
+
+
+def test_recover_finishes_an_interrupted_swap(tmp_path):
+    store = CheckpointStore(str(tmp_path))
+    commit(store, "best", 1, payload="old")
+    # Killed between the two renames: the old best moved aside, the new one staged.
+    os.rename(tmp_path / "best", tmp_path / ".retired-best")
+    staged = stage(store, "best", "new")
+    with open(os.path.join(staged, MARKER), "w") as f:
+        json.dump({"step": 2, "epoch": 0}, f)
+    assert store.committed() == {}
+    store.recover()
+    assert (tmp_path / "best" / "model.bin").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
+
+
+def test_delete_removes_marker_and_files(tmp_path):
+    store = CheckpointStore(str(tmp_path))
+    commit(store, "step_1", 1)
+    store.delete("step_1")
+    assert not (tmp_path / "step_1").exists()
+
+
+def test_fetch_missing_names_the_path(tmp_path):
+    store = CheckpointStore(str(tmp_path))
+    with pytest.raises(CheckpointNotFoundError, match=f"{tmp_path}/step_3 does not exist"):
+        store.fetch("step_3")
+
+
+def test_memory_filesystem_round_trip(tmp_path):
+    store = CheckpointStore("memory://accel-hydra-test/run")
+    commit(store, "step_1", 1, payload="remote")
+    commit(store, "step_2", 2)
+    assert store.latest() == "step_2"
+    local = store.fetch("step_1", cache_dir=str(tmp_path))
+    with open(os.path.join(local, "model.bin")) as f:
+        assert f.read() == "remote"
+    store.delete("step_1")
+    assert set(store.committed()) == {"step_2"}
