@@ -21,6 +21,8 @@ first, then add your work, so any subset of mixins composes in any order):
 ``_epoch_end_checkpoint(...)``   epoch and best checkpoints
 ``_epoch_end_stop_check(...)``   early stopping
 ``_ok_to_save()``                veto a save (for example after a non-finite loss)
+``_update_is_safe()``            veto an optimizer update before it happens
+``_on_interrupt()``              a preemption signal arrived: save, return where
 ``_state_to_save()``             the trainer's own state, merged into each checkpoint
 ``_load_state(state)``           the inverse, on resume
 ``_after_train()``               training ended (normally or not): flush, close
@@ -32,6 +34,8 @@ first, then add your work, so any subset of mixins composes in any order):
 from __future__ import annotations
 
 import math
+import signal
+import sys
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
@@ -43,6 +47,7 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
 
 from accel_hydra.console import EpochProgress, format_summary
+from accel_hydra.preemption import PreemptionGuard, TrainingInterrupted
 from accel_hydra.rng import capture_rng_state, restore_rng_state
 
 __all__ = ["LoopBase"]
@@ -122,6 +127,7 @@ class LoopBase(ABC):
         self._samples_per_second: float | None = None
         self._throughput_mark = (0.0, 0)
         self._rng_after_restore: dict[str, Any] | None = None
+        self._preemption = PreemptionGuard()
 
     # ------------------------------------------------------------------ user API
 
@@ -205,10 +211,11 @@ class LoopBase(ABC):
         self._restore()
         self.accelerator.print(format_summary("accel_hydra: starting", self._summary_lines()))
         try:
-            self.on_train_start()
-            while self.epoch < self.epochs and not self.should_stop_training:
-                self._run_epoch()
-            self.on_train_end()
+            with self._preemption:
+                self.on_train_start()
+                while self.epoch < self.epochs and not self.should_stop_training:
+                    self._run_epoch()
+                self.on_train_end()
         finally:
             self._after_train()
         self.accelerator.print(format_summary("accel_hydra: done", self._end_summary_lines()))
@@ -288,6 +295,8 @@ class LoopBase(ABC):
         self._epoch_end_schedule(metrics)
         self._epoch_end_checkpoint(metrics)
         self._epoch_end_stop_check(metrics)
+        if self._interrupt_requested(sync_point=True):
+            self._stop_for_interrupt()
         self.on_train_epoch_end()
 
     def _epoch_batches(self, start: int) -> Iterator[tuple[int, Any]]:
@@ -329,6 +338,9 @@ class LoopBase(ABC):
             self._loss_sum += loss.detach()
             self._loss_count += 1
             accelerator.backward(loss)
+            if accelerator.sync_gradients and not self._update_is_safe():
+                self.optimizer.zero_grad(set_to_none=True)
+                return  # the bad update never reaches the parameters
             if accelerator.sync_gradients:
                 self._before_optimizer_step()
             self.optimizer.step()
@@ -337,9 +349,12 @@ class LoopBase(ABC):
         if accelerator.sync_gradients:
             self.step += 1
             self._after_optimizer_step()
-            if self._is_logging_step():
+            logging_step = self._is_logging_step()
+            if logging_step:
                 self._read_loss()
             self._after_update()
+            if self._interrupt_requested(sync_point=logging_step):
+                self._stop_for_interrupt()
 
     def _validate(self) -> dict[str, Any]:
         self.model.eval()
@@ -392,6 +407,37 @@ class LoopBase(ABC):
         self._mark_throughput(self._loss_count)
         self._loss_count = 0
         return self.last_loss
+
+    def _interrupt_requested(self, sync_point: bool) -> bool:
+        """Whether a preemption signal asks to stop now, agreed by every process.
+
+        One process acts on its own signal at once. Several processes agree on it only
+        at sync points (logging steps, epoch ends), where they meet anyway, so the
+        check adds no sync to other updates.
+        """
+        if self.accelerator.num_processes == 1:
+            return self._preemption.requested
+        if not sync_point:
+            return False
+        flag = torch.tensor(float(self._preemption.requested), device=self.accelerator.device)
+        return bool(self.accelerator.reduce(flag, reduction="max").item())
+
+    def _stop_for_interrupt(self) -> None:
+        signum = self._preemption.signal_number or signal.SIGTERM
+        saved = self._on_interrupt()
+        name = signal.Signals(signum).name
+        where = f"update {self.step} (epoch {self.epoch + 1}, batch {self._batches_in_epoch})"
+        if saved:
+            advice = (
+                f"checkpoint saved to {saved}; run the same command with "
+                "resume_from_checkpoint=latest to continue exactly where it stopped"
+            )
+        else:
+            advice = "no checkpoint was written (add CheckpointMixin to be able to resume)"
+        message = f"accel_hydra: interrupted by {name} at {where}; {advice}"
+        if self.accelerator.is_main_process:
+            print(message, file=sys.stderr, flush=True)
+        raise TrainingInterrupted(signum, message)
 
     def _mark_throughput(self, batches: int) -> None:
         now = time.perf_counter()
@@ -455,6 +501,13 @@ class LoopBase(ABC):
 
     def _ok_to_save(self) -> bool:
         return True
+
+    def _update_is_safe(self) -> bool:
+        return True
+
+    def _on_interrupt(self) -> str | None:
+        """Save what is needed to resume; return where it went (None: nothing saved)."""
+        return None
 
     def _state_to_save(self) -> dict[str, Any]:
         return {

@@ -31,6 +31,7 @@ def checkpoints_to_prune(
     committed: Mapping[str, Mapping[str, Any]],
     keep_last_k: int | None,
     protected: Collection[str] = (),
+    newest: str | None = None,
 ) -> list[str]:
     """Names to delete so that only the newest ``keep_last_k`` rotating checkpoints remain.
 
@@ -38,14 +39,24 @@ def checkpoints_to_prune(
         committed: committed checkpoint name -> its progress record (``step``, ``epoch``).
         keep_last_k: how many ``step_*``/``epoch_*`` checkpoints to keep; ``None`` keeps all.
         protected: names never deleted (for example the checkpoint this run resumed from).
+        newest: the checkpoint just saved. Checkpoints with more progress than it come
+            from a timeline the run abandoned by resuming from an earlier one: they
+            neither count towards ``keep_last_k`` nor get deleted here (the run
+            overwrites them as it reaches them again).
 
     Returns:
         The names to delete, oldest first.
     """
     if keep_last_k is None:
         return []
+    limit = checkpoint_order(newest, committed[newest]) if newest in committed else None
     rotating = sorted(
-        (name for name in committed if ROTATING_NAME.match(name)),
+        (
+            name
+            for name in committed
+            if ROTATING_NAME.match(name)
+            and (limit is None or checkpoint_order(name, committed[name]) <= limit)
+        ),
         key=lambda name: checkpoint_order(name, committed[name]),
     )
     stale = rotating[: max(len(rotating) - keep_last_k, 0)]

@@ -30,16 +30,21 @@ from fsspec.implementations.local import LocalFileSystem
 
 from accel_hydra.retention import checkpoint_order
 
-__all__ = ["MARKER", "CheckpointStore", "CheckpointNotFoundError"]
+__all__ = ["MARKER", "CheckpointCorruptError", "CheckpointNotFoundError", "CheckpointStore"]
 
 #: File whose presence makes a checkpoint directory committed. Holds its progress record.
 MARKER = "accel_hydra_committed.json"
 _STAGING_PREFIX = ".staging-"
 _RETIRED_PREFIX = ".retired-"
+_CORRUPT_PREFIX = ".corrupt-"
 
 
 class CheckpointNotFoundError(FileNotFoundError):
     """Raised when a checkpoint to resume from is missing or was never committed."""
+
+
+class CheckpointCorruptError(RuntimeError):
+    """Raised when a committed checkpoint's files are missing, truncated or unreadable."""
 
 
 class CheckpointStore:
@@ -96,7 +101,14 @@ class CheckpointStore:
             staged: local directory holding every file of the checkpoint.
             info: progress record (at least ``step`` and ``epoch``) stored in the marker.
         """
-        marker = json.dumps(info, sort_keys=True)
+        files = {}
+        for dirpath, _, filenames in os.walk(staged):
+            for filename in filenames:
+                local = os.path.join(dirpath, filename)
+                rel = os.path.relpath(local, staged).replace(os.sep, "/")
+                if rel != MARKER:
+                    files[rel] = os.path.getsize(local)
+        marker = json.dumps({**info, "files": files}, sort_keys=True)
         if self.is_local:
             with open(os.path.join(staged, MARKER), "w") as f:
                 f.write(marker)
@@ -195,11 +207,39 @@ class CheckpointStore:
         if self.fs.exists(self.path(name)):
             self.fs.rm(self.path(name), recursive=True)
 
+    def verify(self, name: str) -> None:
+        """Check that every file the marker lists is present with its recorded size.
+
+        Raises:
+            CheckpointCorruptError: naming the first missing or truncated file.
+        """
+        info = self.read_marker(name) or {}
+        for rel, size in sorted(info.get("files", {}).items()):
+            path = f"{self.path(name)}/{rel}"
+            try:
+                found = self.fs.size(path)
+            except FileNotFoundError:
+                found = None
+            if found != size:
+                state = "is missing" if found is None else f"has {found} bytes, not {size}"
+                raise CheckpointCorruptError(
+                    f"checkpoint {self.display(name)} is damaged: {rel} {state}"
+                )
+
+    def quarantine(self, name: str) -> str:
+        """Move a damaged checkpoint out of the way (kept for inspection); return its name."""
+        hidden = _CORRUPT_PREFIX + name
+        if self.fs.exists(self.path(hidden)):
+            self.fs.rm(self.path(hidden), recursive=True)
+        self.fs.mv(self.path(name), self.path(hidden), recursive=True)
+        return hidden
+
     def fetch(self, name: str, cache_dir: str | None = None) -> str:
         """A local directory holding checkpoint ``name``, downloading it if remote.
 
         Raises:
             CheckpointNotFoundError: the checkpoint is missing or has no commit marker.
+            CheckpointCorruptError: a file the marker lists is missing or truncated.
         """
         if self.read_marker(name) is None:
             where = self.display(name)
@@ -212,6 +252,7 @@ class CheckpointStore:
                 f"checkpoint {where} does not exist. Check resume_from_checkpoint, or use "
                 "'latest' to pick the newest committed checkpoint."
             )
+        self.verify(name)
         if self.is_local:
             return self.path(name)
         key = hashlib.sha1(self.url.encode()).hexdigest()[:16]

@@ -90,9 +90,10 @@ def test_loopbase_before_a_mixin_is_rejected_by_python():
         type("Wrong", (LoopBase, GradClipMixin), {})
 
 
-def test_trainer_reads_the_loss_only_when_asked(tmp_path, monkeypatch):
-    """All mixins on, logging every 50 updates and checkpoints each epoch: the loop moves
-    the loss off the device once per epoch, not once per batch."""
+@pytest.mark.parametrize("stop_on_nan", [False, True])
+def test_trainer_reads_from_the_device_only_when_asked(tmp_path, monkeypatch, stop_on_nan):
+    """All mixins on, logging every 50 updates, checkpoints each epoch: the loop moves
+    the loss off the device once per epoch; the NaN guard adds one flag per update."""
     import sys
 
     reads = []
@@ -104,10 +105,13 @@ def test_trainer_reads_the_loss_only_when_asked(tmp_path, monkeypatch):
         return original(self)
 
     trainer = compose(*ALL)(
-        **trainer_kwargs(tmp_path, epochs=3), max_grad_norm=1.0, log_every_n_steps=50
+        **trainer_kwargs(tmp_path, epochs=3),
+        max_grad_norm=1.0,
+        log_every_n_steps=50,
+        stop_on_nan=stop_on_nan,
     )
     monkeypatch.setattr(torch.Tensor, "item", counting_item)
     trainer.train(seed=0)
     monkeypatch.undo()
     assert trainer.step == 36
-    assert len(reads) == 3
+    assert len(reads) == 3 + (36 if stop_on_nan else 0)

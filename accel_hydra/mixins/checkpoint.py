@@ -9,8 +9,8 @@ from typing import Any
 import torch
 
 from accel_hydra.mixins.monitoring import MetricMonitoringMixin
-from accel_hydra.retention import checkpoints_to_prune
-from accel_hydra.storage import CheckpointStore
+from accel_hydra.retention import checkpoint_order, checkpoints_to_prune
+from accel_hydra.storage import CheckpointCorruptError, CheckpointStore
 
 __all__ = ["CheckpointMixin", "TRAINER_STATE_FILE"]
 
@@ -83,6 +83,8 @@ class CheckpointMixin(MetricMonitoringMixin):
         self.checkpoint_store = CheckpointStore(self.checkpoint_dir, self.storage_options)
         self.best_checkpoint: str | None = None
         self.resumed_from: str | None = None
+        self._last_saved: tuple[int, int, int] | None = None
+        self._last_saved_name: str | None = None
 
     # ----------------------------------------------------------------- saving
 
@@ -106,21 +108,32 @@ class CheckpointMixin(MetricMonitoringMixin):
             torch.save(self._state_to_save(), os.path.join(staged, TRAINER_STATE_FILE))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            progress = {
-                "step": self.step,
-                "epoch": self.epoch,
-                "batches_in_epoch": self._batches_in_epoch,
-            }
-            store.commit(name, staged, progress)
-            self._prune()
+            step, epoch, batches = self._progress()
+            store.commit(name, staged, {"step": step, "epoch": epoch, "batches_in_epoch": batches})
+            self._prune(newest=name)
         accelerator.wait_for_everyone()
+        self._last_saved = self._progress()
+        self._last_saved_name = name
         return True
 
-    def _prune(self) -> None:
+    def _progress(self) -> tuple[int, int, int]:
+        return (self.step, self.epoch, self._batches_in_epoch)
+
+    def _prune(self, newest: str) -> None:
         protected = {self.resumed_from} if self.resumed_from else set()
-        stale = checkpoints_to_prune(self.checkpoint_store.committed(), self.save_last_k, protected)
-        for name in stale:
+        committed = self.checkpoint_store.committed()
+        for name in checkpoints_to_prune(committed, self.save_last_k, protected, newest):
             self.checkpoint_store.delete(name)
+
+    def _on_interrupt(self) -> str | None:
+        super()._on_interrupt()
+        if self._last_saved != self._progress():
+            name = f"step_{self.step}"
+            if not self.save_checkpoint(name):
+                return None
+        elif self._last_saved_name is None:  # resumed and interrupted before any update
+            return self.resumed_from and self.checkpoint_store.display(self.resumed_from)
+        return self.checkpoint_store.display(self._last_saved_name)
 
     def _after_update(self) -> None:
         super()._after_update()
@@ -152,16 +165,53 @@ class CheckpointMixin(MetricMonitoringMixin):
         target = self.resume_from_checkpoint
         if not target:
             return
-        store, name = self._resolve_resume_target(target)
-        if name is None:
+        if target == "latest":
+            self._restore_latest()
+        else:
+            self._restore_from(*self._resolve_resume_target(target))
+
+    def _restore_latest(self) -> None:
+        """Resume from the newest committed checkpoint that loads, skipping damaged ones."""
+        store = self.checkpoint_store
+        committed = store.committed()
+        if not committed:
             self.accelerator.print(
                 f"accel_hydra: no committed checkpoint in {store.display()}: starting fresh"
             )
             return
+        newest_first = sorted(
+            committed, key=lambda name: checkpoint_order(name, committed[name]), reverse=True
+        )
+        reasons = []
+        for name in newest_first:
+            try:
+                self._restore_from(store, name)
+                return
+            except CheckpointCorruptError as err:
+                reasons.append(str(err))
+                self.accelerator.wait_for_everyone()
+                if self.accelerator.is_main_process:
+                    hidden = store.quarantine(name)
+                    self.accelerator.print(
+                        f"accel_hydra: skipping {name}: {err}; moved it aside to "
+                        f"{store.display(hidden)}"
+                    )
+                self.accelerator.wait_for_everyone()
+        raise CheckpointCorruptError(
+            f"no checkpoint in {store.display()} could be loaded: " + "; ".join(reasons)
+        )
+
+    def _restore_from(self, store: CheckpointStore, name: str) -> None:
         local = store.fetch(name)
-        self.load_checkpoint(local)
+        try:
+            self.load_checkpoint(local)
+        except Exception as err:
+            raise CheckpointCorruptError(
+                f"checkpoint {store.display(name)} could not be loaded: {type(err).__name__}: {err}"
+            ) from err
         if store.url == self.checkpoint_store.url:
             self.resumed_from = name
+        self._last_saved = self._progress()
         self.accelerator.print(
             f"accel_hydra: resumed from {store.display(name)} "
             f"(epoch {self.epoch}, step {self.step}, batch {self._batches_in_epoch})"

@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from accel_hydra.mixins.monitoring import MetricMonitoringMixin
 
 __all__ = ["EarlyStoppingMixin"]
@@ -20,14 +22,14 @@ class EarlyStoppingMixin(MetricMonitoringMixin):
             ``early_stop``).
         early_stop: patience: stop after this many validations in a row without
             improvement. ``None`` never stops on the metric.
-        stop_on_nan: stop as soon as a NaN or infinite loss is seen, and write no
-            checkpoint from then on, so the last one saved is the last good state.
+        stop_on_nan: before each optimizer update, check that the loss of the batches
+            making it is finite; if not, skip the update (the parameters and optimizer
+            state stay as they were), stop, and write no checkpoint from then on. This
+            reads one flag from the device per update; set ``False`` to avoid that sync
+            when you would rather not pay for the guard.
 
-    Every process takes the same decision: the metrics and the loss it reads are
-    averaged over processes before anyone looks at them.
-
-    The loss is checked whenever the loop reads it (logging steps, before each
-    checkpoint, at the end of each epoch), never with an extra sync per batch.
+    Every process takes the same decision: the metrics, the loss and the NaN flag are
+    reduced over processes before anyone looks at them.
     """
 
     early_stop: int | None = None
@@ -46,6 +48,17 @@ class EarlyStoppingMixin(MetricMonitoringMixin):
         self.nonfinite_loss_step: int | None = None
         self.stop_reason: str | None = None
 
+    def _update_is_safe(self) -> bool:
+        if self.stop_on_nan and self.nonfinite_loss_step is None:
+            # One flag read per update: the price of never applying a NaN update.
+            bad = (~torch.isfinite(self._loss_sum)).float()
+            if self.accelerator.num_processes > 1:
+                bad = self.accelerator.reduce(bad, reduction="max")
+            if bad.item():
+                self._stop_for_nonfinite_loss(step=self.step + 1, skipped=True)
+                return False
+        return super()._update_is_safe()
+
     def _read_loss(self) -> float | None:
         value = super()._read_loss()
         if (
@@ -54,15 +67,19 @@ class EarlyStoppingMixin(MetricMonitoringMixin):
             and not math.isfinite(value)
             and self.nonfinite_loss_step is None
         ):
-            self.nonfinite_loss_step = self.step
-            self.should_stop_training = True
-            self.stop_reason = f"non-finite loss ({value}) by update {self.step}"
-            self.accelerator.print(
-                f"accel_hydra: stopping: loss is {value} by update {self.step} "
-                f"(epoch {self.epoch + 1}); no checkpoint is written from this state, the "
-                "last saved checkpoint is the last good one"
-            )
+            self._stop_for_nonfinite_loss(step=self.step, skipped=False)
         return value
+
+    def _stop_for_nonfinite_loss(self, step: int, skipped: bool) -> None:
+        self.nonfinite_loss_step = step
+        self.should_stop_training = True
+        self.stop_reason = f"non-finite loss at update {step}"
+        what = "that update was skipped" if skipped else "no checkpoint is written from now on"
+        self.accelerator.print(
+            f"accel_hydra: stopping: the loss is NaN or infinite at update {step} "
+            f"(epoch {self.epoch + 1}); {what}, and the last saved checkpoint is the last "
+            "good one"
+        )
 
     def _ok_to_save(self) -> bool:
         if self.stop_on_nan:

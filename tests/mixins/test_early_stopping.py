@@ -7,7 +7,13 @@ import torch
 from accel_hydra import EarlyStoppingMixin, MetricMonitor
 from accel_hydra.mixins.checkpoint import TRAINER_STATE_FILE
 from accel_hydra.storage import CheckpointStore
-from tests.conftest import ToyTrainer, compose, parameters_of, trainer_kwargs
+from tests.conftest import (
+    ToyTrainer,
+    assert_same_parameters,
+    compose,
+    parameters_of,
+    trainer_kwargs,
+)
 
 EarlyStopOnly = compose(EarlyStoppingMixin)
 
@@ -81,37 +87,50 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
         nan_from_step=17,
         report_to=None,
     )
-    saved = {}
-    trainer.on_train_epoch_end = lambda: saved.setdefault(
-        trainer.epoch, parameters_of(trainer.model)
-    )
     trainer.train(seed=0)
 
     assert trainer.should_stop_training
-    assert trainer.nonfinite_loss_step == 18  # first logging step after the NaN
-    assert trainer.epoch == 1
+    assert trainer.nonfinite_loss_step == 18  # the update that was skipped
+    assert (trainer.step, trainer.epoch) == (17, 1)
     store = CheckpointStore(trainer.checkpoint_dir)
     assert sorted(store.committed()) == ["epoch_1", "step_15"]
     state = torch.load(f"{trainer.checkpoint_dir}/step_15/{TRAINER_STATE_FILE}", weights_only=False)
     assert state["step"] == 15
-    # The checkpoint holds finite weights.
     from safetensors.torch import load_file
 
     weights = load_file(f"{trainer.checkpoint_dir}/step_15/model.safetensors")
     assert all(torch.isfinite(t).all() for t in weights.values())
-    assert all(torch.isfinite(t).all() for t in saved[1].values())
 
 
-def test_nan_at_epoch_end_is_caught_before_the_epoch_checkpoint(tmp_path):
-    trainer = NaNAfter(
-        **trainer_kwargs(tmp_path, epochs=3),
-        log_every_n_steps=1000,
-        nan_from_step=20,
-        report_to=None,
-    )
-    trainer.train(seed=0)
-    assert trainer.nonfinite_loss_step == 24
-    assert sorted(CheckpointStore(trainer.checkpoint_dir).committed()) == ["epoch_1"]
+def test_nan_update_never_reaches_the_parameters(tmp_path):
+    """The run with a NaN at update 21 ends with exactly the state of a clean run
+    stopped after update 20."""
+    torch.manual_seed(0)
+    nan_run = NaNAfter(**trainer_kwargs(tmp_path / "nan", epochs=3), nan_from_step=20)
+    torch.manual_seed(0)
+    clean = NaNAfter(**trainer_kwargs(tmp_path / "clean", epochs=3))
+    clean.training_step_original = clean.training_step
+
+    def stop_at_20(batch, batch_idx):
+        loss = clean.training_step_original(batch, batch_idx)
+        if clean.step == 19:
+            clean.should_stop_training = True
+        return loss
+
+    clean.training_step = stop_at_20
+    nan_run.train(seed=0)
+    clean.train(seed=0)
+    assert nan_run.nonfinite_loss_step == 21
+    assert nan_run.step == clean.step == 20
+    assert_same_parameters(parameters_of(nan_run.model), parameters_of(clean.model))
+    for a, b in zip(
+        nan_run.optimizer.state_dict()["state"].values(),
+        clean.optimizer.state_dict()["state"].values(),
+        strict=True,
+    ):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    # Nothing was saved from the bad state: the epoch_1 checkpoint is the newest.
+    assert sorted(CheckpointStore(nan_run.checkpoint_dir).committed()) == ["epoch_1"]
 
 
 def test_stop_on_nan_false_keeps_training(tmp_path):
