@@ -195,3 +195,39 @@ def test_checkpoint_objects_are_saved_and_restored(tmp_path):
     resumed.epochs = 2
     resumed.train(seed=0)
     assert counter.value == 20
+
+
+class RecordingDataset(torch.utils.data.Dataset):
+    """Regression data that records which indices the data pipeline loaded."""
+
+    def __init__(self):
+        from tests.conftest import regression_data
+
+        self.data = regression_data(96)
+        self.loaded = []
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, index):
+        self.loaded.append(index)
+        return self.data[index]
+
+
+def test_mid_epoch_resume_skips_by_index_without_loading(tmp_path):
+    def run(**overrides):
+        dataset = RecordingDataset()
+        loader = torch.utils.data.DataLoader(dataset, batch_size=8, shuffle=True)
+        trainer = Checkpointed(
+            **fresh_kwargs(tmp_path, epochs=2, train_dataloader=loader),
+            save_every_n_steps=5,
+            save_last_k=None,
+            **overrides,
+        )
+        trainer.train(seed=0)
+        return dataset.loaded
+
+    everything = run()
+    resumed = run(resume_from_checkpoint="step_20")  # epoch 2, after 8 of its 12 batches
+    epoch_two = everything[96:]
+    assert resumed == epoch_two[8 * 8 :]
