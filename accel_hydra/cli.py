@@ -23,6 +23,7 @@ def _parser() -> argparse.ArgumentParser:
         "-o",
         "--overrides",
         nargs="*",
+        action="extend",
         default=[],
         metavar="KEY=VALUE",
         help="overrides, e.g. trainer.epochs=5 optimizer.lr=1e-3 (+key=value adds a key)",

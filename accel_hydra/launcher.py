@@ -105,16 +105,19 @@ class TrainLauncher:
 
         model = self.build_model(config)
         train_dataloader, val_dataloader = self.build_dataloaders(config)
-        trainer = self._instantiate(
-            config,
-            "trainer",
-            model=model,
-            optimizer=self.build_optimizer(config, model),
-            train_dataloader=train_dataloader,
-            val_dataloader=val_dataloader,
-            lr_scheduler=self.build_lr_scheduler(config),
-            loss_fn=self.build_loss_fn(config),
-        )
+        parts = {
+            "model": model,
+            "optimizer": self.build_optimizer(config, model),
+            "train_dataloader": train_dataloader,
+            "val_dataloader": val_dataloader,
+            "lr_scheduler": self.build_lr_scheduler(config),
+            "loss_fn": self.build_loss_fn(config),
+        }
+        # Optional parts the config leaves out are not passed, so a trainer composed
+        # without (say) LRSchedulingMixin can be built from a config without a schedule.
+        optional = ("val_dataloader", "lr_scheduler", "loss_fn")
+        parts = {k: v for k, v in parts.items() if v is not None or k not in optional}
+        trainer = self._instantiate(config, "trainer", **parts)
         # Set afterwards: passed to instantiate, its _target_ nodes would be built too.
         trainer.config_dict = OmegaConf.to_container(config, resolve=True)
         return trainer

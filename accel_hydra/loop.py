@@ -12,7 +12,8 @@ first, then add your work, so any subset of mixins composes in any order):
 ``_accelerator_kwargs()``        keyword arguments for ``Accelerator`` (returns a dict)
 ``_after_prepare()``             objects are prepared: build schedulers, open writers
 ``_restore()``                   after ``_after_prepare``: load a checkpoint to resume
-``_before_optimizer_step()``     gradients are synced and unscaled: clip them
+``_is_logging_step()``           whether this update logs (the loss is read on it)
+``_before_optimizer_step()``     gradients of an update are complete: clip them
 ``_after_optimizer_step()``      an update happened (``self.step`` counts it): LR step
 ``_after_update()``              after the LR step: log, save step checkpoints
 ``_read_loss()``                 the one place the loss is moved to the host
@@ -82,7 +83,8 @@ class LoopBase(ABC):
         accelerator: the ``Accelerator``, once :meth:`setup_accelerator` ran.
         step: optimizer updates done so far (global; one per accumulation cycle).
         epoch: epochs completed so far.
-        should_stop_training: set to ``True`` to stop after the current update.
+        should_stop_training: set to ``True`` to stop; checked after every batch. Set
+            during the batches, it skips the rest of the epoch and its validation.
         val_metrics: the metrics of the last validation, agreed on every process.
         last_loss: the mean loss over the batches since the last read (read on
             logging steps, before checkpoints and at epoch end only).
@@ -122,8 +124,8 @@ class LoopBase(ABC):
         self._batches_in_epoch = 0
         self._epoch_batches_total = 0
         self._truncated_epoch = False
-        self._loss_sum: torch.Tensor | None = None
-        self._loss_count = 0
+        self._pending_loss_sum: torch.Tensor | None = None
+        self._pending_loss_count = 0
         self._samples_per_second: float | None = None
         self._throughput_mark = (0.0, 0)
         self._rng_after_restore: dict[str, Any] | None = None
@@ -172,7 +174,8 @@ class LoopBase(ABC):
 
     def on_train_epoch_end(self) -> None:
         """Called at the end of every epoch, after validation, checkpoints and the
-        early-stopping check (``self.epoch`` already counts this epoch)."""
+        early-stopping check (``self.epoch`` already counts this epoch). Also called,
+        with nothing else done, when a stop cuts an epoch short."""
 
     def on_validation_start(self) -> None:
         """Called before the first validation batch: reset your metric accumulators."""
@@ -192,18 +195,28 @@ class LoopBase(ABC):
                 on_train_epoch_start()
                 for batch in train_dataloader (epoch_length batches, resuming mid-epoch):
                     loss = training_step(batch, batch_idx); backward(loss)
-                    on an update: clip gradients; optimizer step; step += 1;
-                                  LR step (step interval); log; step checkpoint
+                    on an update: NaN guard (a bad update is skipped and stops the run);
+                                  clip gradients; optimizer step; step += 1;
+                                  LR step (step interval); log; step checkpoint;
+                                  on SIGTERM/SIGINT: checkpoint and exit
+                    if should_stop_training: on_train_epoch_end(); end the run
                 if val_dataloader: on_validation_start(); validation_step(...) per batch;
                                    on_validation_end(); metrics = get_val_metrics()
                 epoch += 1; LR step (epoch interval); epoch checkpoint;
-                best checkpoint if the monitored metric improved; early-stopping check
+                best checkpoint if the monitored metric improved; early-stopping check;
+                on SIGTERM/SIGINT: checkpoint and exit
                 on_train_epoch_end()
             on_train_end()
 
         Args:
-            seed: seeds Python, NumPy and torch on every process before anything is
-                built, so runs (and resumed runs) repeat exactly.
+            seed: seeds Python, NumPy and torch on every process before the
+                accelerator is set up, so shuffling and dropout repeat exactly. (Seed
+                before building the model too, as the launcher does, for identical
+                initial weights.)
+
+        Raises:
+            TrainingInterrupted: after SIGTERM or a first SIGINT, once a checkpoint is
+                written; it exits the process with ``128 + signal`` unless caught.
         """
         if seed is not None:
             set_seed(seed)
@@ -233,7 +246,7 @@ class LoopBase(ABC):
         if self.val_dataloader is not None:
             self.val_dataloader = prepared[3]
         self._size_epochs()
-        self._loss_sum = torch.zeros((), device=self.accelerator.device)
+        self._pending_loss_sum = torch.zeros((), device=self.accelerator.device)
         self._after_prepare()
 
     def _size_epochs(self) -> None:
@@ -277,7 +290,7 @@ class LoopBase(ABC):
             for batch_idx, batch in self._epoch_batches(start):
                 self._train_batch(batch, batch_idx)
                 progress.advance()
-                if self._loss_count == 0:  # the loss was read on this update
+                if self._pending_loss_count == 0:  # the loss was read on this update
                     progress.show(self._progress_values())
                 if self.should_stop_training:
                     break
@@ -335,8 +348,8 @@ class LoopBase(ABC):
             accelerator.step = self.gradient_accumulation_steps - 1
         with accelerator.accumulate(self.model):
             loss = self.training_step(batch, batch_idx)
-            self._loss_sum += loss.detach()
-            self._loss_count += 1
+            self._pending_loss_sum += loss.detach()
+            self._pending_loss_count += 1
             accelerator.backward(loss)
             if accelerator.sync_gradients and not self._update_is_safe():
                 self.optimizer.zero_grad(set_to_none=True)
@@ -397,15 +410,15 @@ class LoopBase(ABC):
         processes the value is averaged, so every process sees (and decides on) the
         same number.
         """
-        if self._loss_count == 0:
+        if self._pending_loss_count == 0:
             return self.last_loss
-        mean = self._loss_sum / self._loss_count
+        mean = self._pending_loss_sum / self._pending_loss_count
         if self.accelerator.num_processes > 1:
             mean = self.accelerator.reduce(mean, reduction="mean")
         self.last_loss = mean.item()
-        self._loss_sum.zero_()
-        self._mark_throughput(self._loss_count)
-        self._loss_count = 0
+        self._pending_loss_sum.zero_()
+        self._mark_throughput(self._pending_loss_count)
+        self._pending_loss_count = 0
         return self.last_loss
 
     def _interrupt_requested(self, sync_point: bool) -> bool:
@@ -510,18 +523,33 @@ class LoopBase(ABC):
         return None
 
     def _state_to_save(self) -> dict[str, Any]:
+        sampler = self._shuffling_sampler()
         return {
             "epoch": self.epoch,
             "step": self.step,
             "batches_in_epoch": self._batches_in_epoch,
             "val_metrics": dict(self.val_metrics),
+            "sampler_seed": None if sampler is None else sampler.initial_seed,
         }
+
+    def _shuffling_sampler(self) -> Any:
+        """The train loader's seedable shuffling sampler, or None if it does not shuffle.
+
+        Its seed plus the epoch number fix each epoch's order; saving the seed makes a
+        resumed run shuffle like the original even when ``train()`` got no seed.
+        """
+        get_sampler = getattr(self.train_dataloader, "get_sampler", None)
+        sampler = get_sampler() if get_sampler is not None else None
+        return sampler if hasattr(sampler, "initial_seed") else None
 
     def _load_state(self, state: dict[str, Any]) -> None:
         self.epoch = int(state["epoch"])
         self.step = int(state["step"])
         self._batches_in_epoch = int(state["batches_in_epoch"])
         self.val_metrics = dict(state.get("val_metrics", {}))
+        sampler = self._shuffling_sampler()
+        if sampler is not None and state.get("sampler_seed") is not None:
+            sampler.initial_seed = state["sampler_seed"]
         if self._batches_in_epoch:
             # Called after the RNG states were restored: keep them for _epoch_batches.
             self._rng_after_restore = capture_rng_state()

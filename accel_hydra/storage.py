@@ -44,7 +44,17 @@ class CheckpointNotFoundError(FileNotFoundError):
 
 
 class CheckpointCorruptError(RuntimeError):
-    """Raised when a committed checkpoint's files are missing, truncated or unreadable."""
+    """Raised when a committed checkpoint cannot be loaded.
+
+    Attributes:
+        damaged: True when its bytes are provably damaged (a file the marker lists is
+            missing or has the wrong size); False when loading failed for another
+            reason (for example, a model that no longer matches the checkpoint).
+    """
+
+    def __init__(self, message: str, damaged: bool = False) -> None:
+        super().__init__(message)
+        self.damaged = damaged
 
 
 class CheckpointStore:
@@ -223,7 +233,7 @@ class CheckpointStore:
             if found != size:
                 state = "is missing" if found is None else f"has {found} bytes, not {size}"
                 raise CheckpointCorruptError(
-                    f"checkpoint {self.display(name)} is damaged: {rel} {state}"
+                    f"checkpoint {self.display(name)} is damaged: {rel} {state}", damaged=True
                 )
 
     def quarantine(self, name: str) -> str:

@@ -190,12 +190,15 @@ class CheckpointMixin(MetricMonitoringMixin):
             except CheckpointCorruptError as err:
                 reasons.append(str(err))
                 self.accelerator.wait_for_everyone()
-                if self.accelerator.is_main_process:
+                if err.damaged and self.accelerator.is_main_process:
+                    # Out of the way (kept, hidden), so it is never picked or counted again.
                     hidden = store.quarantine(name)
                     self.accelerator.print(
                         f"accel_hydra: skipping {name}: {err}; moved it aside to "
                         f"{store.display(hidden)}"
                     )
+                else:
+                    self.accelerator.print(f"accel_hydra: skipping {name}: {err}")
                 self.accelerator.wait_for_everyone()
         raise CheckpointCorruptError(
             f"no checkpoint in {store.display()} could be loaded: " + "; ".join(reasons)

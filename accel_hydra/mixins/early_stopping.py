@@ -51,7 +51,7 @@ class EarlyStoppingMixin(MetricMonitoringMixin):
     def _update_is_safe(self) -> bool:
         if self.stop_on_nan and self.nonfinite_loss_step is None:
             # One flag read per update: the price of never applying a NaN update.
-            bad = (~torch.isfinite(self._loss_sum)).float()
+            bad = (~torch.isfinite(self._pending_loss_sum)).float()
             if self.accelerator.num_processes > 1:
                 bad = self.accelerator.reduce(bad, reduction="max")
             if bad.item():

@@ -16,20 +16,20 @@ class DigitsTrainer(Trainer):
         return F.cross_entropy(self.model(x), y)
 
     def on_validation_start(self):
-        self._correct = 0
-        self._seen = 0
-        self._loss_sum = 0.0
+        self._val_correct = 0
+        self._val_seen = 0
+        self._val_loss_sum = 0.0
 
     def validation_step(self, batch, batch_idx):
         x, y = batch
         logits = self.model(x)
         logits, y = self.accelerator.gather_for_metrics((logits, y))
-        self._correct += (logits.argmax(dim=1) == y).sum()
-        self._loss_sum += F.cross_entropy(logits, y, reduction="sum")
-        self._seen += y.numel()
+        self._val_correct += (logits.argmax(dim=1) == y).sum()
+        self._val_loss_sum += F.cross_entropy(logits, y, reduction="sum")
+        self._val_seen += y.numel()
 
     def get_val_metrics(self):
         return {
-            "accuracy": (self._correct / self._seen).item(),
-            "loss": (self._loss_sum / self._seen).item(),
+            "accuracy": (self._val_correct / self._val_seen).item(),
+            "loss": (self._val_loss_sum / self._val_seen).item(),
         }

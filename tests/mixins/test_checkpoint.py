@@ -231,3 +231,24 @@ def test_mid_epoch_resume_skips_by_index_without_loading(tmp_path):
     resumed = run(resume_from_checkpoint="step_20")  # epoch 2, after 8 of its 12 batches
     epoch_two = everything[96:]
     assert resumed == epoch_two[8 * 8 :]
+
+
+def test_resume_without_a_seed_still_shuffles_like_the_original(tmp_path):
+    def run(process_seed, **overrides):
+        dataset = RecordingDataset()
+        loader = torch.utils.data.DataLoader(dataset, batch_size=8, shuffle=True)
+        trainer = Checkpointed(
+            **fresh_kwargs(tmp_path, epochs=2, train_dataloader=loader),
+            save_every_n_steps=5,
+            save_last_k=None,
+            **overrides,
+        )
+        torch.manual_seed(process_seed)  # as a new process would start with its own seed
+        trainer.train()  # no seed given
+        return dataset.loaded
+
+    everything = run(process_seed=11)
+    resumed = run(
+        process_seed=22, resume_from_checkpoint="step_15"
+    )  # epoch 2, after 3 of its 12 batches
+    assert resumed == everything[96 + 3 * 8 :]
