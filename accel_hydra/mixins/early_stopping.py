@@ -101,6 +101,19 @@ class EarlyStoppingMixin(MetricMonitoringMixin):
             )
             self.accelerator.print(f"accel_hydra: early stopping: {self.stop_reason}")
 
+    def _load_state(self, state: dict[str, Any]) -> None:
+        super()._load_state(state)
+        monitor = self.metric_monitor
+        if self.early_stop is not None and monitor is not None:
+            if monitor.worse_count >= self.early_stop:
+                # The checkpoint was written just before this run stopped early.
+                self.should_stop_training = True
+                self.stop_reason = (
+                    f"the run had already stopped early ({monitor.metric_name} did not "
+                    f"improve for {monitor.worse_count} epochs)"
+                )
+                self.accelerator.print(f"accel_hydra: nothing to do: {self.stop_reason}")
+
     def _end_summary_lines(self) -> list[tuple[str, str]]:
         lines = super()._end_summary_lines()
         if self.stop_reason:

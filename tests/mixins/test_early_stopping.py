@@ -140,3 +140,19 @@ def test_stop_on_nan_false_keeps_training(tmp_path):
     trainer.train(seed=0)
     assert trainer.epoch == 2
     assert math.isnan(trainer.last_loss)
+
+
+def test_resuming_an_early_stopped_run_does_nothing(tmp_path):
+    values = [1.0, 0.9, 0.95, 0.93, 0.5, 0.4]
+    first = run_scripted(tmp_path, values, patience=2, cls=ToyTrainer)
+    assert first.epoch == 4
+    again = ToyTrainer(
+        **trainer_kwargs(tmp_path, epochs=len(values)),
+        metric_monitor=MetricMonitor(metric_name="loss"),
+        early_stop=2,
+        resume_from_checkpoint="latest",
+    )
+    again.scripted_metrics = [{"loss": v} for v in values]
+    again.train(seed=0)
+    assert (again.epoch, again.step) == (first.epoch, first.step)
+    assert "already stopped early" in again.stop_reason
