@@ -222,7 +222,7 @@ class LoopBase(ABC):
             set_seed(seed)
         self.setup_accelerator()
         self._restore()
-        self.accelerator.print(format_summary("accel_hydra: starting", self._summary_lines()))
+        self._say(format_summary("accel_hydra: starting", self._summary_lines()))
         try:
             with self._preemption:
                 self.on_train_start()
@@ -231,7 +231,7 @@ class LoopBase(ABC):
                 self.on_train_end()
         finally:
             self._after_train()
-        self.accelerator.print(format_summary("accel_hydra: done", self._end_summary_lines()))
+        self._say(format_summary("accel_hydra: done", self._end_summary_lines()))
 
     def setup_accelerator(self) -> None:
         """Create the ``Accelerator`` and prepare model, optimizer and dataloaders."""
@@ -386,7 +386,7 @@ class LoopBase(ABC):
         self.val_metrics = self._agree_on_metrics(metrics)
         if self.val_metrics:
             shown = " ".join(f"{k}={v:.4g}" for k, v in sorted(self.val_metrics.items()))
-            self.accelerator.print(f"epoch {self.epoch + 1}/{self.epochs} validation: {shown}")
+            self._say(f"epoch {self.epoch + 1}/{self.epochs} validation: {shown}")
         return self.val_metrics
 
     def _agree_on_metrics(self, metrics: dict[str, Any]) -> dict[str, Any]:
@@ -451,6 +451,12 @@ class LoopBase(ABC):
         if self.accelerator.is_main_process:
             print(message, file=sys.stderr, flush=True)
         raise TrainingInterrupted(signum, message)
+
+    def _say(self, message: str) -> None:
+        """Print a status line on the main process, flushed at once: a run can be
+        killed at any moment, and what it said last matters most then."""
+        if self.accelerator.is_main_process:
+            print(message, flush=True)
 
     def _mark_throughput(self, batches: int) -> None:
         now = time.perf_counter()

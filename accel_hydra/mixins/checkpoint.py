@@ -175,9 +175,7 @@ class CheckpointMixin(MetricMonitoringMixin):
         store = self.checkpoint_store
         committed = store.committed()
         if not committed:
-            self.accelerator.print(
-                f"accel_hydra: no committed checkpoint in {store.display()}: starting fresh"
-            )
+            self._say(f"accel_hydra: no committed checkpoint in {store.display()}: starting fresh")
             return
         newest_first = sorted(
             committed, key=lambda name: checkpoint_order(name, committed[name]), reverse=True
@@ -193,12 +191,12 @@ class CheckpointMixin(MetricMonitoringMixin):
                 if err.damaged and self.accelerator.is_main_process:
                     # Out of the way (kept, hidden), so it is never picked or counted again.
                     hidden = store.quarantine(name)
-                    self.accelerator.print(
+                    self._say(
                         f"accel_hydra: skipping {name}: {err}; moved it aside to "
                         f"{store.display(hidden)}"
                     )
                 else:
-                    self.accelerator.print(f"accel_hydra: skipping {name}: {err}")
+                    self._say(f"accel_hydra: skipping {name}: {err}")
                 self.accelerator.wait_for_everyone()
         raise CheckpointCorruptError(
             f"no checkpoint in {store.display()} could be loaded: " + "; ".join(reasons)
@@ -215,7 +213,7 @@ class CheckpointMixin(MetricMonitoringMixin):
         if store.url == self.checkpoint_store.url:
             self.resumed_from = name
         self._last_saved = self._progress()
-        self.accelerator.print(
+        self._say(
             f"accel_hydra: resumed from {store.display(name)} "
             f"(epoch {self.epoch}, step {self.step}, batch {self._batches_in_epoch})"
         )

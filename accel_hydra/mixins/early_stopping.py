@@ -75,7 +75,7 @@ class EarlyStoppingMixin(MetricMonitoringMixin):
         self.should_stop_training = True
         self.stop_reason = f"non-finite loss at update {step}"
         what = "that update was skipped" if skipped else "no checkpoint is written from now on"
-        self.accelerator.print(
+        self._say(
             f"accel_hydra: stopping: the loss is NaN or infinite at update {step} "
             f"(epoch {self.epoch + 1}); {what}, and the last saved checkpoint is the last "
             "good one"
@@ -99,20 +99,23 @@ class EarlyStoppingMixin(MetricMonitoringMixin):
                 f"{monitor.metric_name} did not improve for {monitor.worse_count} epochs "
                 f"(best {monitor.best_value:.6g})"
             )
-            self.accelerator.print(f"accel_hydra: early stopping: {self.stop_reason}")
+            self._say(f"accel_hydra: early stopping: {self.stop_reason}")
 
     def _load_state(self, state: dict[str, Any]) -> None:
         super()._load_state(state)
         monitor = self.metric_monitor
-        if self.early_stop is not None and monitor is not None:
-            if monitor.worse_count >= self.early_stop:
-                # The checkpoint was written just before this run stopped early.
-                self.should_stop_training = True
-                self.stop_reason = (
-                    f"the run had already stopped early ({monitor.metric_name} did not "
-                    f"improve for {monitor.worse_count} epochs)"
-                )
-                self.accelerator.print(f"accel_hydra: nothing to do: {self.stop_reason}")
+        if (
+            self.early_stop is not None
+            and monitor is not None
+            and monitor.worse_count >= self.early_stop
+        ):
+            # The checkpoint was written just before this run stopped early.
+            self.should_stop_training = True
+            self.stop_reason = (
+                f"the run had already stopped early ({monitor.metric_name} did not "
+                f"improve for {monitor.worse_count} epochs)"
+            )
+            self._say(f"accel_hydra: nothing to do: {self.stop_reason}")
 
     def _end_summary_lines(self) -> list[tuple[str, str]]:
         lines = super()._end_summary_lines()
