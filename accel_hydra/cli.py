@@ -1,4 +1,4 @@
-"""The ``accel-hydra-train`` console script."""
+"""The ``accel-hydra-train`` console script (also ``python -m accel_hydra.train_entry``)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import os
 import sys
 from collections.abc import Sequence
 
-from accel_hydra.launcher import ConfigError, TrainLauncher
+from accel_hydra.launcher import CONFIG_FILE, ConfigError, TrainLauncher
+from accel_hydra.sweeps import expand_sweeps
 
 __all__ = ["main"]
 
@@ -18,15 +19,28 @@ def _parser() -> argparse.ArgumentParser:
         prog="accel-hydra-train",
         description="Train from a YAML config of Hydra _target_ nodes.",
     )
-    parser.add_argument("-c", "--config", required=True, help="the YAML config file")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("-c", "--config", help="the YAML config file")
+    source.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help=f"continue a run from its saved {CONFIG_FILE} and latest checkpoint",
+    )
     parser.add_argument(
         "-o",
         "--overrides",
         nargs="*",
         action="extend",
         default=[],
-        metavar="KEY=VALUE",
-        help="overrides, e.g. trainer.epochs=5 optimizer.lr=1e-3 (+key=value adds a key)",
+        metavar="OVERRIDE",
+        help="Hydra overrides: key=value, +new=1, ~key, group=option (with -m, a=1,2 sweeps)",
+    )
+    parser.add_argument(
+        "-m",
+        "--multirun",
+        action="store_true",
+        help="run every combination of the swept overrides, one after another, each in "
+        "<project_dir>/multirun/<n>",
     )
     parser.add_argument(
         "--launcher",
@@ -50,6 +64,36 @@ def _launcher_class(dotted: str | None) -> type[TrainLauncher]:
     return cls
 
 
+def _config_and_overrides(args: argparse.Namespace) -> tuple[str, list[str]]:
+    if args.config:
+        return args.config, list(args.overrides)
+    saved = os.path.join(args.resume, CONFIG_FILE)
+    if not os.path.isfile(saved):
+        raise ConfigError(
+            f"--resume {args.resume}: no {CONFIG_FILE} there; give the run directory "
+            "(the trainer's project_dir) of a run started with accel-hydra-train"
+        )
+    return saved, ["++trainer.resume_from_checkpoint=latest", *args.overrides]
+
+
+def _run_sweep(cls: type[TrainLauncher], config: str, overrides: list[str]) -> None:
+    from accelerate.state import AcceleratorState, GradientState
+    from omegaconf import OmegaConf
+
+    try:
+        jobs = expand_sweeps(overrides)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    base = OmegaConf.select(cls(config, jobs[0]).load_config(), "trainer.project_dir")
+    for index, job in enumerate(jobs):
+        run_dir = os.path.join(base, "multirun", str(index))
+        print(f"accel-hydra-train: job {index + 1}/{len(jobs)}: {' '.join(job)} -> {run_dir}")
+        cls(config, [*job, f"++trainer.project_dir={run_dir}"]).run()
+        # Each job builds its own Accelerator; keep the process group, drop the rest.
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run training from the command line; returns the exit status."""
     args = _parser().parse_args(argv)
@@ -57,7 +101,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
-        _launcher_class(args.launcher)(args.config, args.overrides).run()
+        cls = _launcher_class(args.launcher)
+        config, overrides = _config_and_overrides(args)
+        if args.multirun:
+            _run_sweep(cls, config, overrides)
+        else:
+            cls(config, overrides).run()
     except ConfigError as err:
         print(f"accel-hydra-train: error: {err}", file=sys.stderr)
         return 2

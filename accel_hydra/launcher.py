@@ -2,16 +2,24 @@
 
 Each object is built by its own overridable method, so a project changes how one
 piece is made (say, a model from a registry) by subclassing and passing
-``--launcher pkg.module.MyLauncher`` on the command line.
+``--launcher pkg.module.MyLauncher`` on the command line. Configs are composed by
+Hydra's compose API, so the whole override grammar works: ``key=value``, ``+new=1``,
+``++key=value``, ``~key`` and config-group switches such as ``model=big``.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["ConfigError", "TrainLauncher"]
+from accel_hydra.redaction import redact
+
+__all__ = ["CONFIG_FILE", "ConfigError", "TrainLauncher"]
+
+#: The resolved config a run saves into its ``project_dir`` (credentials redacted).
+CONFIG_FILE = "config.yaml"
 
 
 class ConfigError(ValueError):
@@ -26,9 +34,9 @@ class TrainLauncher:
     ``loss_fn``, the ``trainer`` node and ``seed``.
 
     Args:
-        config_path: the YAML file.
-        overrides: ``key=value`` strings applied on top of the file (``+key=value``
-            adds a key the file does not have).
+        config_path: the YAML file. Config groups (``model=big``) are looked up in the
+            folders beside it, as Hydra does.
+        overrides: Hydra overrides applied on top of the file.
 
     Example:
         >>> TrainLauncher("examples/digits/configs/train.yaml", ["trainer.epochs=3"]).run()
@@ -40,11 +48,12 @@ class TrainLauncher:
         self.overrides = list(overrides)
 
     def run(self) -> Any:
-        """Load the config, build every object, train; return the trainer."""
+        """Load the config, save it, build every object, train; return the trainer."""
         from accelerate.utils import set_seed
 
         self.register_resolvers()
         config = self.load_config()
+        self.save_config(config)
         if config.get("seed") is not None:
             set_seed(config.seed)  # before the model exists, so its initial weights repeat
         trainer = self.build_trainer(config)
@@ -55,29 +64,55 @@ class TrainLauncher:
         """Register OmegaConf resolvers the config uses (none by default)."""
 
     def load_config(self) -> Any:
-        """Read the YAML file and apply the overrides.
+        """Compose the YAML file with the overrides.
 
         Raises:
-            ConfigError: the file is missing, or an override names an unknown key.
+            ConfigError: the file is missing, or an override is malformed or names a
+                key the file does not have.
         """
-        from omegaconf import OmegaConf
+        from hydra import compose, initialize_config_dir
+        from hydra.errors import HydraException
+        from omegaconf.errors import OmegaConfBaseException
 
         if not os.path.isfile(self.config_path):
             raise ConfigError(f"config file {self.config_path} not found; check the -c path")
-        config = OmegaConf.load(self.config_path)
-        for override in self.overrides:
-            key, sep, value = override.partition("=")
-            if not sep or not key.lstrip("+"):
-                raise ConfigError(f"override {override!r} is not key=value (in {self.config_path})")
-            adding = key.startswith("+")
-            key = key.lstrip("+")
-            if not adding and OmegaConf.select(config, key, default=_MISSING) is _MISSING:
-                raise ConfigError(
-                    f"override {key!r}: no such key in {self.config_path}; fix the spelling "
-                    f"or write +{key}={value} to add it"
-                )
-            OmegaConf.update(config, key, OmegaConf.from_dotlist([f"v={value}"]).v, merge=True)
-        return config
+        config_dir, filename = os.path.split(os.path.abspath(self.config_path))
+        try:
+            with initialize_config_dir(config_dir=config_dir, version_base=None):
+                return compose(config_name=os.path.splitext(filename)[0], overrides=self.overrides)
+        except (HydraException, OmegaConfBaseException) as err:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+            raise ConfigError(
+                f"{' '.join(lines)} (config {self.config_path}; "
+                "set HYDRA_FULL_ERROR=1 for the full traceback)"
+            ) from None
+
+    def save_config(self, config: Any) -> str | None:
+        """Write the config into the run directory, credentials redacted; one process.
+
+        Interpolations such as ``${oc.env:AWS_SECRET_ACCESS_KEY}`` are saved as written,
+        so ``--resume RUN_DIR`` can rebuild the run from this file.
+
+        Returns:
+            The path written (on the main process), else None.
+        """
+        from accelerate import PartialState
+        from omegaconf import OmegaConf
+
+        project_dir = OmegaConf.select(config, "trainer.project_dir")
+        state = PartialState()
+        path = None
+        if project_dir and state.is_main_process:
+            os.makedirs(project_dir, exist_ok=True)
+            path = os.path.join(project_dir, CONFIG_FILE)
+            plain = OmegaConf.to_container(config, resolve=False)
+            with open(path + ".tmp", "w") as f:
+                f.write(OmegaConf.to_yaml(OmegaConf.create(redact(plain))))
+            os.replace(path + ".tmp", path)
+        state.wait_for_everyone()
+        return path
 
     def build_model(self, config: Any) -> Any:
         return self._instantiate(config, "model")
@@ -119,19 +154,20 @@ class TrainLauncher:
         parts = {k: v for k, v in parts.items() if v is not None or k not in optional}
         trainer = self._instantiate(config, "trainer", **parts)
         # Set afterwards: passed to instantiate, its _target_ nodes would be built too.
-        trainer.config_dict = OmegaConf.to_container(config, resolve=True)
+        trainer.config_dict = redact(OmegaConf.to_container(config, resolve=True))
         return trainer
 
     def _instantiate(self, config: Any, key: str, **kwargs: Any) -> Any:
         from hydra.errors import InstantiationException
         from hydra.utils import instantiate
+        from omegaconf.errors import OmegaConfBaseException
 
         node = config.get(key)
         if node is None:
             raise ConfigError(f"{self.config_path} has no '{key}' section; add one")
         try:
             return instantiate(node, **kwargs)
-        except InstantiationException as err:
+        except (InstantiationException, OmegaConfBaseException) as err:
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
             lines = [line for line in str(err).strip().splitlines() if line.strip()]
@@ -139,10 +175,23 @@ class TrainLauncher:
                 (ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("full_key:")), key
             )
             reason = " ".join(ln.strip() for ln in lines if not ln.startswith("full_key:"))
+            reason = reason.replace(
+                ", set env var HYDRA_FULL_ERROR=1 to see chained exception.", ""
+            )
             raise ConfigError(
-                f"cannot build '{where}' from {self.config_path}: {reason} "
-                "(set HYDRA_FULL_ERROR=1 for the full traceback)"
+                f"cannot build '{where}' from {self.config_path}: {reason}{_fix_for(reason, where)}"
+                " (set HYDRA_FULL_ERROR=1 for the full traceback)"
             ) from None
 
 
-_MISSING = object()
+def _fix_for(reason: str, key: str) -> str:
+    """A hint that turns a Hydra instantiation error into what to change."""
+    missing = re.search(
+        r"missing \d+ required (?:keyword-only |positional )?argument[s]?: '(\w+)'", reason
+    )
+    if missing:
+        name = missing.group(1)
+        return f"; set {key}.{name} in the file, or add it with +{key}.{name}=VALUE"
+    if reason.startswith("Error locating target"):
+        return f"; check {key}._target_ (module.Name) and that its module imports"
+    return ""

@@ -63,13 +63,27 @@ def test_module_entry_with_overrides(tmp_path):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["-o", "trainer.epoch=3"], "override 'trainer.epoch': no such key in examples/digits"),
-        (["-o", "model._target_=examples.digits.model.Nope"], "cannot build 'model'"),
-        (["-o", "trainer.epochs"], "override 'trainer.epochs' is not key=value"),
+        (
+            ["-o", "trainer.epoch=3"],
+            "Could not override 'trainer.epoch'. To append to your config use "
+            "+trainer.epoch=3 (config examples/digits/configs/train.yaml",
+        ),
+        (
+            ["-o", "model._target_=examples.digits.model.Nope"],
+            "cannot build 'model' from examples/digits/configs/train.yaml: Error locating "
+            "target 'examples.digits.model.Nope'; check model._target_",
+        ),
+        (
+            ["-o", "~trainer.epochs"],
+            "argument: 'epochs'\"); set trainer.epochs in the file, or add it with "
+            "+trainer.epochs=VALUE",
+        ),
+        (["-o", "trainer.epochs"], "Error parsing override 'trainer.epochs'"),
         (
             ["--launcher", "accel_hydra.launcher.Nope"],
             "--launcher accel_hydra.launcher.Nope: cannot",
         ),
+        (["-m", "-o", "a=[1"], "cannot expand the sweep"),
     ],
 )
 def test_bad_config_gives_one_line_error(monkeypatch, capsys, args, message):

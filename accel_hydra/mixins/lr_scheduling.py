@@ -8,7 +8,7 @@ from typing import Any
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from accel_hydra.mixins.monitoring import MetricMonitoringMixin
-from accel_hydra.schedules import build_lr_scheduler, is_lr_scheduler
+from accel_hydra.schedules import build_lr_scheduler, is_lr_scheduler, warmup_length
 
 __all__ = ["LRSchedulingMixin"]
 
@@ -26,6 +26,10 @@ class LRSchedulingMixin(MetricMonitoringMixin):
         lr_scheduler_interval: ``"step"`` steps once per optimizer update (never once per
             batch or per process, so gradient accumulation and the number of processes
             do not change the schedule); ``"epoch"`` steps once per epoch.
+        warmup_steps: updates of warmup: filled into a ``num_warmup_steps`` argument,
+            or a linear warmup put in front of any other schedule (which is then sized
+            to the updates left). Needs ``lr_scheduler`` as a callable.
+        warmup_ratio: the same, as a fraction of all updates (give one of the two).
 
     The scheduler is not handed to ``accelerator.prepare`` (which would step it once per
     process); its state is saved in every checkpoint.
@@ -33,6 +37,8 @@ class LRSchedulingMixin(MetricMonitoringMixin):
 
     lr_scheduler: Any = None
     lr_scheduler_interval: str = "step"
+    warmup_steps: int | None = None
+    warmup_ratio: float | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -40,6 +46,18 @@ class LRSchedulingMixin(MetricMonitoringMixin):
             raise ValueError(
                 "lr_scheduler_interval must be 'step' or 'epoch', "
                 f"got {self.lr_scheduler_interval!r}"
+            )
+        if self.warmup_steps is not None and self.warmup_ratio is not None:
+            raise ValueError("give warmup_steps or warmup_ratio, not both")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.warmup_ratio is not None and not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        warming = bool(self.warmup_steps or self.warmup_ratio)
+        if warming and (self.lr_scheduler is None or is_lr_scheduler(self.lr_scheduler)):
+            raise ValueError(
+                "warmup_steps/warmup_ratio need lr_scheduler as a callable (a Hydra "
+                "_partial_), so the warmup and the schedule can be sized together"
             )
         if self.lr_scheduler is not None and not (
             is_lr_scheduler(self.lr_scheduler) or callable(self.lr_scheduler)
@@ -56,8 +74,12 @@ class LRSchedulingMixin(MetricMonitoringMixin):
         if not is_lr_scheduler(self.lr_scheduler):
             optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
             per_epoch = self.updates_per_epoch if self.lr_scheduler_interval == "step" else 1
+            total = self.epochs * per_epoch
             self.lr_scheduler = build_lr_scheduler(
-                self.lr_scheduler, optimizer, total_steps=self.epochs * per_epoch
+                self.lr_scheduler,
+                optimizer,
+                total_steps=total,
+                warmup_steps=warmup_length(total, self.warmup_steps, self.warmup_ratio),
             )
         if isinstance(self.lr_scheduler, ReduceLROnPlateau):
             if self.lr_scheduler_interval != "epoch":

@@ -1,4 +1,5 @@
 import functools
+import math
 
 import pytest
 import torch
@@ -90,3 +91,53 @@ def test_truncated_epochs_size_the_schedule(tmp_path):
     )
     trainer.train(seed=0)
     assert trainer.lr_scheduler.T_max == 20
+
+
+def test_linear_warmup_then_cosine(tmp_path):
+    trainer = Scheduled(
+        **trainer_kwargs(tmp_path, epochs=2),
+        lr_scheduler=functools.partial(torch.optim.lr_scheduler.CosineAnnealingLR),
+        warmup_steps=4,
+    )
+    trace = lr_trace(trainer)
+    trainer.train(seed=0)
+    assert trace[:5] == pytest.approx([0.05 * f for f in (0.25, 0.4375, 0.625, 0.8125, 1.0)])
+    expected_tail = [
+        0.05 * (1 + math.cos(math.pi * t / 20)) / 2 for t in range(20)
+    ]  # T_max = 24 updates - 4 of warmup
+    assert trace[4:] == pytest.approx(expected_tail)
+
+
+def warmup_then_linear(optimizer, num_warmup_steps, num_training_steps):
+    """The transformers-style signature: warmup length is an argument."""
+
+    def factor(step):
+        if step < num_warmup_steps:
+            return step / num_warmup_steps
+        return (num_training_steps - step) / (num_training_steps - num_warmup_steps)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def test_warmup_ratio_fills_num_warmup_steps(tmp_path):
+    trainer = Scheduled(
+        **trainer_kwargs(tmp_path, epochs=2, gradient_accumulation_steps=2),
+        lr_scheduler=warmup_then_linear,
+        warmup_ratio=0.25,
+    )
+    trace = lr_trace(trainer)
+    trainer.train(seed=0)
+    # 2 epochs x 6 updates = 12; a quarter of them (3) warm up.
+    assert trace == pytest.approx(
+        [
+            0.05 * f
+            for f in (0, 1 / 3, 2 / 3, 1, 8 / 9, 7 / 9, 6 / 9, 5 / 9, 4 / 9, 3 / 9, 2 / 9, 1 / 9)
+        ]
+    )
+
+
+def test_warmup_needs_a_partial(tmp_path):
+    kwargs = trainer_kwargs(tmp_path)
+    built = torch.optim.lr_scheduler.StepLR(kwargs["optimizer"], step_size=1)
+    with pytest.raises(ValueError, match="need lr_scheduler as a callable"):
+        Scheduled(**kwargs, lr_scheduler=built, warmup_steps=3)
