@@ -98,3 +98,75 @@ def test_missing_config_file(monkeypatch, capsys):
     monkeypatch.chdir(REPO)
     assert main(["-c", "no/such.yaml"]) == 2
     assert "config file no/such.yaml not found" in capsys.readouterr().err
+
+
+def test_multirun_runs_each_combination_into_its_own_directory(monkeypatch, tmp_path, capsys):
+    monkeypatch.chdir(REPO)
+    status = main(
+        [
+            "-c",
+            CONFIG,
+            "-m",
+            "-o",
+            f"trainer.project_dir={tmp_path}",
+            "trainer.epochs=1",
+            "optimizer.lr=1e-3,1e-2",
+            "+trainer.progress_bar=false",
+        ]
+    )
+    assert status == 0
+    out = capsys.readouterr().out
+    assert "job 1/2: trainer.project_dir=" in out and "optimizer.lr=0.001" in out
+    assert "job 2/2" in out and "optimizer.lr=0.01" in out
+    saved = [(tmp_path / "multirun" / str(i) / "config.yaml").read_text() for i in (0, 1)]
+    assert "lr: 0.001" in saved[0] and "lr: 0.01" in saved[1]
+    for i in (0, 1):
+        assert (tmp_path / "multirun" / str(i) / "checkpoints" / "epoch_1").is_dir()
+
+
+def test_config_is_saved_redacted_and_resume_continues_the_run(monkeypatch, tmp_path, capsys):
+    monkeypatch.chdir(REPO)
+    # No OneCycleLR here: its length is fixed when the run starts (see docs/checkpoints).
+    common = ["+trainer.progress_bar=false", "~lr_scheduler"]
+    secret = "+trainer.config_dict_secret_token=hunter2"
+    assert (
+        main(["-c", CONFIG, "-o", f"trainer.project_dir={tmp_path}", "trainer.epochs=2", *common])
+        == 0
+    )
+    saved = (tmp_path / "config.yaml").read_text()
+    assert f"project_dir: {tmp_path}" in saved and "epochs: 2" in saved
+    capsys.readouterr()
+
+    # Resume with more epochs: continues from epoch 2, trains epoch 3 only.
+    assert main(["--resume", str(tmp_path), "-o", "trainer.epochs=3"]) == 0
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "epoch_2" in out
+    assert "epoch 3/3 validation" in out and "epoch 1/3 validation" not in out
+
+
+def test_secrets_in_storage_options_never_reach_the_saved_config(monkeypatch, tmp_path):
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("FAKE_SECRET", "from-the-environment")
+    status = main(
+        [
+            "-c",
+            CONFIG,
+            "-o",
+            f"trainer.project_dir={tmp_path}",
+            "trainer.epochs=1",
+            "+trainer.progress_bar=false",
+            "+trainer.storage_options={auto_mkdir: true, password: hunter2, "
+            "token: '${oc.env:FAKE_SECRET}'}",
+        ]
+    )
+    assert status == 0
+    saved = (tmp_path / "config.yaml").read_text()
+    assert "hunter2" not in saved and "password: <redacted>" in saved
+    assert "token: ${oc.env:FAKE_SECRET}" in saved
+    assert "from-the-environment" not in saved
+
+
+def test_resume_of_a_directory_without_config(monkeypatch, tmp_path, capsys):
+    monkeypatch.chdir(REPO)
+    assert main(["--resume", str(tmp_path)]) == 2
+    assert f"--resume {tmp_path}: no config.yaml there" in capsys.readouterr().err
