@@ -128,7 +128,6 @@ def test_config_is_saved_redacted_and_resume_continues_the_run(monkeypatch, tmp_
     monkeypatch.chdir(REPO)
     # No OneCycleLR here: its length is fixed when the run starts (see docs/checkpoints).
     common = ["+trainer.progress_bar=false", "~lr_scheduler"]
-    secret = "+trainer.config_dict_secret_token=hunter2"
     assert (
         main(["-c", CONFIG, "-o", f"trainer.project_dir={tmp_path}", "trainer.epochs=2", *common])
         == 0
