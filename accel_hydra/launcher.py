@@ -14,6 +14,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from accel_hydra.distributed import launched_without_gpus
 from accel_hydra.redaction import redact
 
 __all__ = ["CONFIG_FILE", "ConfigError", "TrainLauncher"]
@@ -102,7 +103,7 @@ class TrainLauncher:
         from omegaconf import OmegaConf
 
         project_dir = OmegaConf.select(config, "trainer.project_dir")
-        state = PartialState()
+        state = PartialState(cpu=launched_without_gpus())
         path = None
         if project_dir and state.is_main_process:
             os.makedirs(project_dir, exist_ok=True)

@@ -48,6 +48,7 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
 
 from accel_hydra.console import EpochProgress, format_summary
+from accel_hydra.distributed import launched_without_gpus
 from accel_hydra.preemption import PreemptionGuard, TrainingInterrupted
 from accel_hydra.rng import capture_rng_state, restore_rng_state
 
@@ -268,6 +269,13 @@ class LoopBase(ABC):
                 "process's train_dataloader yields; lower epoch_length or leave it unset"
             )
         self._epoch_batches_total = self.epoch_length or available
+        if self.accelerator.num_processes > 1 and self._epoch_batches_total is not None:
+            # Uneven shards (even_batches=False): every process must run the same number
+            # of updates, or the gradient all-reduce of the longest one waits forever.
+            counts = self.accelerator.gather(
+                torch.tensor([self._epoch_batches_total], device=self.accelerator.device)
+            )
+            self._epoch_batches_total = int(counts.min().item())
         # A cut-short epoch never reaches the dataloader's end, where Accelerate would
         # flush a partial accumulation; the loop forces that update itself instead.
         self._truncated_epoch = available is None or self._epoch_batches_total < available
@@ -485,6 +493,8 @@ class LoopBase(ABC):
                 even_batches=self.even_batches, use_seedable_sampler=True
             ),
         }
+        if launched_without_gpus():
+            kwargs["cpu"] = True
         kwargs.update(self.accelerator_kwargs)
         return kwargs
 
