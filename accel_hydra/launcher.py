@@ -50,10 +50,17 @@ class TrainLauncher:
 
     def run(self) -> Any:
         """Load the config, save it, build every object, train; return the trainer."""
+        self.register_resolvers()
+        return self.run_config(self.load_config())
+
+    def run_config(self, config: Any) -> Any:
+        """Save an already composed config, build every object, train; return the trainer.
+
+        The entry point for a config composed elsewhere (``accel_hydra.hydra_app``, where
+        Hydra's own launchers such as submitit run the job).
+        """
         from accelerate.utils import set_seed
 
-        self.register_resolvers()
-        config = self.load_config()
         self.save_config(config)
         if config.get("seed") is not None:
             set_seed(config.seed)  # before the model exists, so its initial weights repeat

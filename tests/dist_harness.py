@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from omegaconf import OmegaConf
 
-from accel_hydra import MetricMonitor, TrainLauncher, Trainer
+from accel_hydra import MetricMonitor, Trainer, TrainLauncher
 from accel_hydra.storage import CheckpointStore
 from tests.conftest import ToySteps, make_loader, make_model
 
@@ -106,9 +106,7 @@ def main():
             GradientState._reset_state()
     elif args.scenario == "metrics":
         per_rank = [[1.0, 0.9, 0.85, 0.8, 0.75, 0.7], [1.0, 1.2, 1.3, 1.4, 1.5, 1.6]][rank]
-        trainer = build(
-            args, metric_monitor=MetricMonitor(metric_name="loss"), early_stop=2
-        )
+        trainer = build(args, metric_monitor=MetricMonitor(metric_name="loss"), early_stop=2)
         trainer.scripted_metrics = [{"loss": v} for v in per_rank]
     elif args.scenario == "writers":
         trainer = build(args, save_every_n_steps=2, save_last_k=2)

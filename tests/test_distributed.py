@@ -29,8 +29,20 @@ pytestmark = pytest.mark.skipif(
 
 def torchrun(nproc, scenario, out, project, *args, timeout=240):
     return subprocess.run(
-        [TORCHRUN, "--standalone", "--nproc_per_node", str(nproc), "-m", "tests.dist_harness",
-         scenario, "--out", str(out), "--project", str(project), *map(str, args)],
+        [
+            TORCHRUN,
+            "--standalone",
+            "--nproc_per_node",
+            str(nproc),
+            "-m",
+            "tests.dist_harness",
+            scenario,
+            "--out",
+            str(out),
+            "--project",
+            str(project),
+            *map(str, args),
+        ],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -75,8 +87,16 @@ def test_one_process_writes_the_config_and_commits_checkpoints(tmp_path):
     rank0, rank1 = ranks(tmp_path / "out", "writers")
     assert rank0["config_written"] == str(tmp_path / "p" / "config.yaml")
     assert rank1["config_written"] is None
-    assert rank0["committed"] == ["step_2", "step_4", "step_6", "epoch_1", "step_8",
-                                  "step_10", "step_12", "epoch_2"]
+    assert rank0["committed"] == [
+        "step_2",
+        "step_4",
+        "step_6",
+        "epoch_1",
+        "step_8",
+        "step_10",
+        "step_12",
+        "epoch_2",
+    ]
     assert rank1["committed"] == []
     store = CheckpointStore(str(tmp_path / "p" / "checkpoints"))
     assert sorted(store.committed()) == ["epoch_2", "step_12"]
@@ -88,25 +108,25 @@ def test_one_process_writes_the_config_and_commits_checkpoints(tmp_path):
 def test_two_process_resume_equals_uninterrupted_run(tmp_path):
     full = torchrun(2, "train", tmp_path / "full", tmp_path / "pf", "--epochs", 3)
     assert full.returncode == 0, full.stderr[-3000:]
-    killed = torchrun(2, "train", tmp_path / "run", tmp_path / "pr", "--epochs", 3,
-                      "--kill-at", 9)
+    killed = torchrun(2, "train", tmp_path / "run", tmp_path / "pr", "--epochs", 3, "--kill-at", 9)
     assert killed.returncode != 0
     assert CheckpointStore(str(tmp_path / "pr" / "checkpoints")).latest() == "step_8"
-    resumed = torchrun(2, "train", tmp_path / "run", tmp_path / "pr", "--epochs", 3,
-                       "--resume", "latest")
+    resumed = torchrun(
+        2, "train", tmp_path / "run", tmp_path / "pr", "--epochs", 3, "--resume", "latest"
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout
-    assert_bitwise_equal(tmp_path / "run" / "train_result.pt",
-                         tmp_path / "full" / "train_result.pt")
+    assert_bitwise_equal(
+        tmp_path / "run" / "train_result.pt", tmp_path / "full" / "train_result.pt"
+    )
 
 
 def test_uneven_shards_do_not_hang(tmp_path):
     """100 samples in batches of 8 on 2 processes with even_batches=False: one rank has
     7 batches, the other 6; both run 6 per epoch and finish."""
-    run = torchrun(2, "train", tmp_path / "out", tmp_path / "p", "--samples", 100,
-                   "--uneven", timeout=120)
+    run = torchrun(
+        2, "train", tmp_path / "out", tmp_path / "p", "--samples", 100, "--uneven", timeout=120
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     rank0, rank1 = ranks(tmp_path / "out", "train")
     assert rank0["step"] == rank1["step"] == 12
-
-
