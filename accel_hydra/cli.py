@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from accel_hydra.launcher import CONFIG_FILE, ConfigError, TrainLauncher
+from accel_hydra.redaction import REDACTED, is_secret_key
 from accel_hydra.sweeps import expand_sweeps
 
 __all__ = ["main"]
@@ -87,11 +88,20 @@ def _run_sweep(cls: type[TrainLauncher], config: str, overrides: list[str]) -> N
     base = OmegaConf.select(cls(config, jobs[0]).load_config(), "trainer.project_dir")
     for index, job in enumerate(jobs):
         run_dir = os.path.join(base, "multirun", str(index))
-        print(f"accel-hydra-train: job {index + 1}/{len(jobs)}: {' '.join(job)} -> {run_dir}")
+        if int(os.environ.get("RANK", "0")) == 0:
+            shown = " ".join(_hide_secret_override(o) for o in job)
+            print(f"accel-hydra-train: job {index + 1}/{len(jobs)}: {shown} -> {run_dir}")
         cls(config, [*job, f"++trainer.project_dir={run_dir}"]).run()
         # Each job builds its own Accelerator; keep the process group, drop the rest.
         AcceleratorState._reset_state()
         GradientState._reset_state()
+
+
+def _hide_secret_override(override: str) -> str:
+    key, sep, _ = override.partition("=")
+    if sep and is_secret_key(key.lstrip("+~").rsplit(".", 1)[-1]):
+        return f"{key}={REDACTED}"
+    return override
 
 
 def main(argv: Sequence[str] | None = None) -> int:

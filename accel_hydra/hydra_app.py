@@ -7,7 +7,10 @@ package), run the job through this module, which is a plain ``@hydra.main`` app:
 
     python -m accel_hydra.hydra_app --config-dir examples/digits/configs \\
         --config-name train -m hydra/launcher=submitit_slurm \\
-        hydra.launcher.partition=gpu hydra.launcher.gpus_per_node=1 optimizer.lr=1e-3,1e-2
+        hydra.launcher.partition=gpu hydra.launcher.gpus_per_node=1 \\
+        'trainer.project_dir=${hydra:runtime.output_dir}' optimizer.lr=1e-3,1e-2
+
+(``trainer.project_dir`` set from Hydra's job directory gives every job its own.)
 
 Every Hydra flag works (``--cfg job``, ``--info``, ``-m``...). Set
 ``ACCEL_HYDRA_LAUNCHER=pkg.module.Class`` to build the run with a ``TrainLauncher``

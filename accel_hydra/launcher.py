@@ -61,10 +61,11 @@ class TrainLauncher:
         """
         from accelerate.utils import set_seed
 
-        self.save_config(config)
         if config.get("seed") is not None:
             set_seed(config.seed)  # before the model exists, so its initial weights repeat
         trainer = self.build_trainer(config)
+        # Only a config that built is saved: a failed run never replaces a good record.
+        self.save_config(config)
         trainer.train(seed=config.get("seed"))
         return trainer
 
@@ -116,6 +117,9 @@ class TrainLauncher:
             os.makedirs(project_dir, exist_ok=True)
             path = os.path.join(project_dir, CONFIG_FILE)
             plain = OmegaConf.to_container(config, resolve=False)
+            # The run directory itself is stored as resolved: an interpolation such as
+            # ${hydra:runtime.output_dir} means nothing outside the job that wrote it.
+            plain["trainer"]["project_dir"] = str(project_dir)
             with open(path + ".tmp", "w") as f:
                 f.write(OmegaConf.to_yaml(OmegaConf.create(redact(plain))))
             os.replace(path + ".tmp", path)

@@ -1,7 +1,10 @@
-"""Redaction: credentials never reach a console, a log or a saved config.
+"""Hide credentials before anything is printed, logged or saved.
 
-Storage options and configs carry keys, secrets, tokens and connection strings. Every
-place that prints or writes a config passes it through :func:`redact` first.
+``storage_options`` carry keys, secrets, tokens and connection strings, and the
+launcher puts the whole config (``trainer.storage_options`` included) into
+``config_dict``, which the logger writes into event files and the launcher into
+``config.yaml``. Everything that shows a config or storage options to a person or a
+file passes it through :func:`redact`.
 """
 
 from __future__ import annotations
@@ -12,43 +15,80 @@ from typing import Any
 
 __all__ = ["REDACTED", "is_secret_key", "redact"]
 
-REDACTED = "<redacted>"
+#: What a hidden value is replaced with.
+REDACTED = "***"
 
-# A key is a credential when one of its words (split on _ - . and case) is one of these.
-_SECRET_WORDS = {"secret", "password", "passwd", "token", "credential", "credentials", "key"}
-_SECRET_NAMES = {"connection_string", "connectionstring", "sas", "sas_token", "apikey"}
+# A key names a credential when one of its words (split on _ - . and camelCase) is one
+# of these, or the whole key is one of the names below.
+_SECRET_WORDS = {
+    "secret",
+    "password",
+    "passwd",
+    "token",
+    "credential",
+    "credentials",
+    "key",
+    "signature",
+    "sas",
+}
+_SECRET_NAMES = {"connection_string", "connectionstring", "conn_str", "apikey"}
+# Keys with a secret-looking word that name no secret.
+_HARMLESS_NAMES = {"key_prefix"}
+# Credentials inside a longer string: an Azure connection string's AccountKey or
+# SharedAccessSignature, a SAS URL's sig=, a URL's user:password@.
+_SECRET_IN_TEXT = [
+    (re.compile(r"(AccountKey|SharedAccessSignature|SharedAccessKey)=[^;]*", re.I), r"\1=***"),
+    (re.compile(r"([?&]sig=)[^&]*", re.I), r"\1***"),
+    (re.compile(r"(://[^/:@\s]+:)[^/@\s]+@"), r"\1***@"),
+]
+# An OmegaConf interpolation names where a secret comes from, not the secret.
 _INTERPOLATION = re.compile(r"^\$\{.*\}$")
 
 
 def is_secret_key(name: str) -> bool:
     """Whether a mapping key names a credential (``aws_secret_access_key``, ``token``...)."""
     lowered = str(name).lower()
+    if lowered in _HARMLESS_NAMES:
+        return False
     words = re.split(r"[_\-.]", re.sub(r"([a-z])([A-Z])", r"\1_\2", str(name)).lower())
     return lowered in _SECRET_NAMES or any(word in _SECRET_WORDS for word in words)
 
 
 def redact(value: Any) -> Any:
-    """A copy of ``value`` with the values of credential-like keys replaced by ``<redacted>``.
+    """A copy of ``value`` with every credential replaced by :data:`REDACTED`.
 
-    Mappings and lists are walked recursively. An OmegaConf interpolation such as
-    ``${oc.env:AWS_SECRET_ACCESS_KEY}`` is kept: it names where the secret comes from,
-    not the secret, and keeping it lets a saved config be reused as is.
+    Dicts and lists are walked recursively. A value is hidden when its key names a
+    credential (``key``, ``secret``, ``token``, ``password``, ``credential``,
+    ``connection_string``, ``sas``...); strings anywhere also lose the secret parts of
+    connection strings and URLs. An interpolation such as
+    ``${oc.env:AWS_SECRET_ACCESS_KEY}`` is kept, so a saved config can be reused as is.
+    The input is never modified.
+
+    Args:
+        value: a config, ``storage_options`` dict, list or string.
+
+    Returns:
+        The same structure with credentials hidden.
+
+    Example:
+        >>> redact({"key": "AKIA123", "client_kwargs": {"endpoint_url": "http://s3"}})
+        {'key': '***', 'client_kwargs': {'endpoint_url': 'http://s3'}}
     """
     if isinstance(value, Mapping):
-        return {
-            key: (
-                item
-                if not is_secret_key(key) or _is_reference(item)
-                else (None if item is None else REDACTED)
-            )
-            if not isinstance(item, Mapping | list | tuple)
-            else redact(item)
-            for key, item in value.items()
-        }
+        return {k: _redact_item(str(k), v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [redact(item) for item in value]
+        return type(value)(redact(item) for item in value)
+    if isinstance(value, str):
+        for pattern, replacement in _SECRET_IN_TEXT:
+            value = pattern.sub(replacement, value)
     return value
 
 
-def _is_reference(item: Any) -> bool:
-    return isinstance(item, str) and bool(_INTERPOLATION.match(item.strip()))
+def _redact_item(key: str, value: Any) -> Any:
+    if not is_secret_key(key):
+        return redact(value)
+    if value is None or isinstance(value, bool):
+        return value  # "token: null" or "anon: true" reveal nothing
+    if isinstance(value, str) and _INTERPOLATION.match(value.strip()):
+        return value
+    return REDACTED

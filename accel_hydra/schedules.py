@@ -93,8 +93,8 @@ def build_lr_scheduler(
         scheduler = factory(optimizer, **fill)
     except TypeError as err:
         raise TypeError(
-            f"could not build the LR scheduler from {factory!r}: {err}. Give the missing "
-            "argument in the lr_scheduler config"
+            f"could not build the LR scheduler from {factory!r}: {err}. Check the "
+            "arguments in the lr_scheduler config"
         ) from err
     if not wrap_in_warmup:
         return scheduler

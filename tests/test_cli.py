@@ -160,7 +160,7 @@ def test_secrets_in_storage_options_never_reach_the_saved_config(monkeypatch, tm
     )
     assert status == 0
     saved = (tmp_path / "config.yaml").read_text()
-    assert "hunter2" not in saved and "password: <redacted>" in saved
+    assert "hunter2" not in saved and "password: '***'" in saved
     assert "token: ${oc.env:FAKE_SECRET}" in saved
     assert "from-the-environment" not in saved
 

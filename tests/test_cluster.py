@@ -4,6 +4,7 @@ submitit's local executor (the same plugin code path, without a SLURM cluster)."
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -67,3 +68,27 @@ def test_sweep_through_the_submitit_plugin(tmp_path):
     for job, lr in (("0", "0.001"), ("1", "0.01")):
         assert (sweep / job / "checkpoints" / "epoch_2").is_dir()
         assert f"lr: {lr}" in (sweep / job / "config.yaml").read_text()
+
+
+def test_a_hydra_app_job_resumes_with_the_plain_command(tmp_path):
+    sweep = tmp_path / "sweep"
+    done = hydra_app(
+        "-m",
+        f"hydra.sweep.dir={sweep}",
+        "trainer.project_dir=${hydra:runtime.output_dir}",
+        "trainer.epochs=1",
+        "+trainer.progress_bar=false",
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"project_dir: {sweep / '0'}" in (sweep / "0" / "config.yaml").read_text()
+    resumed = subprocess.run(
+        [sys.executable, "-m", "accel_hydra.train_entry", "--resume", str(sweep / "0")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    assert re.search(r"epochs completed\s+1\n", resumed.stdout)

@@ -1,29 +1,53 @@
 from accel_hydra.redaction import REDACTED, redact
 
+AZURE = (
+    "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey=abc/def==;"
+    "BlobEndpoint=http://127.0.0.1:10000/devstoreaccount1;"
+)
 
-def test_credentials_are_replaced_at_any_depth():
-    config = {
-        "trainer": {
-            "checkpoint_dir": "s3://bucket/run",
-            "storage_options": {
-                "key": "AKIA123",
-                "secret": "shh",
-                "client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"},
-                "connection_string": "DefaultEndpointsProtocol=http;AccountKey=abc",
-                "token": None,
-            },
-        },
-        "optimizer": {"lr": 0.1},
-        "list": [{"api_key": "k"}],
+
+def test_secret_keys_are_hidden_at_any_depth_and_input_is_untouched():
+    options = {
+        "key": "AKIA123",
+        "secret": "shh",
+        "anon": False,
+        "client_kwargs": {"endpoint_url": "http://s3", "aws_session_token": "tok"},
+        "credentials": {"private_key": "-----BEGIN"},
+        "account_key": "k",
+        "sas_token": "sv=2024&sig=x",
     }
-    clean = redact(config)
-    options = clean["trainer"]["storage_options"]
-    assert options["key"] == options["secret"] == options["connection_string"] == REDACTED
-    assert options["token"] is None
-    assert options["client_kwargs"] == {"endpoint_url": "http://127.0.0.1:9000"}
-    assert clean["list"] == [{"api_key": REDACTED}]
-    assert clean["optimizer"] == {"lr": 0.1}
-    assert config["trainer"]["storage_options"]["secret"] == "shh"  # the input is untouched
+    hidden = redact({"trainer": {"storage_options": options}})["trainer"]["storage_options"]
+    assert hidden == {
+        "key": REDACTED,
+        "secret": REDACTED,
+        "anon": False,
+        "client_kwargs": {"endpoint_url": "http://s3", "aws_session_token": REDACTED},
+        "credentials": REDACTED,
+        "account_key": REDACTED,
+        "sas_token": REDACTED,
+    }
+    assert options["key"] == "AKIA123"
+
+
+def test_connection_string_keeps_endpoint_and_loses_account_key():
+    hidden = redact({"connection_string": AZURE, "note": AZURE})
+    assert hidden["connection_string"] == REDACTED
+    assert "abc/def" not in hidden["note"]
+    assert "AccountKey=***;" in hidden["note"]
+    assert "BlobEndpoint=http://127.0.0.1:10000/devstoreaccount1" in hidden["note"]
+
+
+def test_secrets_inside_urls_and_lists_are_hidden():
+    hidden = redact(["https://acct.blob.core.windows.net/c?sv=1&sig=abc%2F", "s3://u:pw@host/b"])
+    assert hidden == ["https://acct.blob.core.windows.net/c?sv=1&sig=***", "s3://u:***@host/b"]
+
+
+def test_plain_values_pass_through():
+    assert redact({"lr": 0.1, "epochs": 3, "token": None}) == {
+        "lr": 0.1,
+        "epochs": 3,
+        "token": None,
+    }
 
 
 def test_environment_references_are_kept():
@@ -31,9 +55,6 @@ def test_environment_references_are_kept():
     assert redact(options) == {"secret": "${oc.env:AWS_SECRET_ACCESS_KEY}", "key": REDACTED}
 
 
-def test_ordinary_keys_are_kept():
-    assert redact({"keep_last": 3, "monkey": "x", "tokens_per_batch": 5}) == {
-        "keep_last": 3,
-        "monkey": "x",
-        "tokens_per_batch": 5,
-    }
+def test_ordinary_keys_that_look_alike_are_kept():
+    kept = {"keep_last": 3, "monkey": "x", "tokens_per_batch": 5, "keys": 2, "key_prefix": "a"}
+    assert redact(kept) == kept

@@ -203,13 +203,7 @@ class CheckpointMixin(MetricMonitoringMixin):
         )
 
     def _restore_from(self, store: CheckpointStore, name: str) -> None:
-        local = store.fetch(name)
-        try:
-            self.load_checkpoint(local)
-        except Exception as err:
-            raise CheckpointCorruptError(
-                f"checkpoint {store.display(name)} could not be loaded: {type(err).__name__}: {err}"
-            ) from err
+        self.load_checkpoint(store.fetch(name), label=store.display(name))
         if store.url == self.checkpoint_store.url:
             self.resumed_from = name
         self._last_saved = self._progress()
@@ -227,15 +221,33 @@ class CheckpointMixin(MetricMonitoringMixin):
         parent, _, name = target.rstrip("/").rpartition("/")
         return CheckpointStore(parent or ".", self.storage_options), name
 
-    def load_checkpoint(self, local_dir: str) -> None:
-        """Restore the full training state from a local checkpoint directory."""
+    def load_checkpoint(self, local_dir: str, label: str | None = None) -> None:
+        """Restore the full training state from a local checkpoint directory.
+
+        Args:
+            local_dir: the checkpoint's files on local disk.
+            label: how to name the checkpoint in errors (default: ``local_dir``).
+
+        Raises:
+            CheckpointCorruptError: its files cannot be read into the model, optimizer
+                and the rest (damaged bytes, or a model that no longer matches).
+            ValueError: the files load but do not fit this run's settings (for example
+                a schedule sized for another number of updates).
+        """
+        label = label or local_dir
         state_file = os.path.join(local_dir, TRAINER_STATE_FILE)
         if not os.path.exists(state_file):
             raise FileNotFoundError(
-                f"{local_dir} is not an accel_hydra checkpoint: {TRAINER_STATE_FILE} is missing"
+                f"{label} is not an accel_hydra checkpoint: {TRAINER_STATE_FILE} is missing"
             )
-        self.accelerator.load_state(local_dir)
-        self._load_state(torch.load(state_file, map_location="cpu", weights_only=False))
+        try:
+            self.accelerator.load_state(local_dir)
+            state = torch.load(state_file, map_location="cpu", weights_only=False)
+        except Exception as err:
+            raise CheckpointCorruptError(
+                f"checkpoint {label} could not be loaded: {type(err).__name__}: {err}"
+            ) from err
+        self._load_state(state)
 
     def _state_to_save(self) -> dict[str, Any]:
         state = super()._state_to_save()

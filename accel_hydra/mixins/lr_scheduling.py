@@ -42,6 +42,7 @@ class LRSchedulingMixin(MetricMonitoringMixin):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self._sized_for: int | None = None
         if self.lr_scheduler_interval not in ("step", "epoch"):
             raise ValueError(
                 "lr_scheduler_interval must be 'step' or 'epoch', "
@@ -81,6 +82,7 @@ class LRSchedulingMixin(MetricMonitoringMixin):
                 total_steps=total,
                 warmup_steps=warmup_length(total, self.warmup_steps, self.warmup_ratio),
             )
+            self._sized_for = total
         if isinstance(self.lr_scheduler, ReduceLROnPlateau):
             if self.lr_scheduler_interval != "epoch":
                 raise ValueError(
@@ -116,12 +118,24 @@ class LRSchedulingMixin(MetricMonitoringMixin):
         state = super()._state_to_save()
         if self.lr_scheduler is not None:
             state["lr_scheduler"] = self.lr_scheduler.state_dict()
+            state["lr_scheduler_sized_for"] = self._sized_for
         return state
 
     def _load_state(self, state: dict[str, Any]) -> None:
         super()._load_state(state)
-        if self.lr_scheduler is not None and "lr_scheduler" in state:
-            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if self.lr_scheduler is None or "lr_scheduler" not in state:
+            return
+        saved = state.get("lr_scheduler_sized_for")
+        if saved is not None and self._sized_for is not None and saved != self._sized_for:
+            # The restored state fixes the schedule's length; stretching it silently would
+            # change what the run means (and OneCycleLR would fail at its old end).
+            raise ValueError(
+                f"the LR schedule was sized for {saved} updates when this run started; "
+                f"the resumed run asks for {self._sized_for} (epochs={self.epochs}, "
+                f"{self.updates_per_epoch} updates per epoch). Resume with the original "
+                "epochs and batch settings, or start a new run"
+            )
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
 
     def _summary_lines(self) -> list[tuple[str, str]]:
         lines = super()._summary_lines()

@@ -141,3 +141,18 @@ def test_warmup_needs_a_partial(tmp_path):
     built = torch.optim.lr_scheduler.StepLR(kwargs["optimizer"], step_size=1)
     with pytest.raises(ValueError, match="need lr_scheduler as a callable"):
         Scheduled(**kwargs, lr_scheduler=built, warmup_steps=3)
+
+
+def test_resuming_with_a_longer_run_is_a_clear_error(tmp_path):
+    from accel_hydra import CheckpointMixin
+
+    ScheduledCheckpointed = compose(CheckpointMixin, LRSchedulingMixin)
+    onecycle = functools.partial(torch.optim.lr_scheduler.OneCycleLR, max_lr=0.1)
+    ScheduledCheckpointed(**trainer_kwargs(tmp_path, epochs=1), lr_scheduler=onecycle).train(seed=0)
+    longer = ScheduledCheckpointed(
+        **trainer_kwargs(tmp_path, epochs=2), lr_scheduler=onecycle, resume_from_checkpoint="latest"
+    )
+    with pytest.raises(
+        ValueError, match="sized for 12 updates when this run started; the resumed run asks for 24"
+    ):
+        longer.train(seed=0)
