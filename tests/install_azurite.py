@@ -21,6 +21,7 @@ def main(prefix: str) -> int:
         print(f"install_azurite: Node.js/npm not found; not installing {AZURITE}")
         return 0
     command = [npm, "install", "--no-save", "--no-audit", "--no-fund", "--prefix", prefix, AZURITE]
+    print(" ".join(command), flush=True)
     return subprocess.call(command)
 
 
