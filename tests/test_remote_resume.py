@@ -10,12 +10,15 @@ uninterrupted one.
 from __future__ import annotations
 
 import json
+import os
 import signal
+import subprocess
+import sys
 
 import pytest
 
 from accel_hydra.storage import CheckpointStore
-from tests.test_resume import assert_bitwise_equal, harness
+from tests.test_resume import REPO, assert_bitwise_equal, harness
 
 
 @pytest.fixture(scope="module")
@@ -63,3 +66,32 @@ def test_sigterm_flushes_the_upload_before_exiting(tmp_path, s3, reference):
     resumed = remote_harness(tmp_path, s3, url, tmp_path / "result.pt", "--resume", "latest")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_bitwise_equal(reference, tmp_path / "result.pt")
+
+
+def test_two_processes_save_to_s3_and_resume_bitwise(tmp_path, s3):
+    """2 real processes (gloo): every one stages, the main one uploads and commits."""
+
+    def launch(url, result, *args):
+        command = [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+            "-m", "tests.resume_harness", "--project", str(tmp_path), "--result", str(result),
+            "--epochs", "2", "--checkpoint-dir", url,
+            "--storage-options", json.dumps(s3.storage_options), *map(str, args),
+        ]  # fmt: skip
+        env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+        return subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env,
+                              timeout=300)  # fmt: skip
+
+    bucket = s3.new_bucket()
+    reference = launch(f"{bucket}/reference", tmp_path / "reference.pt")
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    killed = launch(f"{bucket}/run", tmp_path / "unused.pt", "--kill", "after_checkpoint",
+                    "--at", 9)  # fmt: skip
+    assert killed.returncode != 0
+    assert CheckpointStore(f"{bucket}/run", s3.storage_options).latest() is not None
+
+    resumed = launch(f"{bucket}/run", tmp_path / "result.pt", "--resume", "latest")
+
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    assert_bitwise_equal(tmp_path / "reference.pt", tmp_path / "result.pt")

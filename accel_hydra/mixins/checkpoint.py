@@ -8,13 +8,13 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from accelerate.utils import gather_object
+from accelerate.utils import broadcast_object_list, gather_object
 
 from accel_hydra.mixins.monitoring import MetricMonitoringMixin
 from accel_hydra.redaction import redact
 from accel_hydra.retention import checkpoint_order, checkpoints_to_prune
 from accel_hydra.storage import CheckpointCorruptError, CheckpointStore
-from accel_hydra.uploader import BackgroundUploader
+from accel_hydra.uploader import BackgroundUploader, CheckpointUploadError
 
 __all__ = ["CheckpointMixin", "TRAINER_STATE_FILE"]
 
@@ -113,10 +113,9 @@ class CheckpointMixin(MetricMonitoringMixin):
         accelerator = self.accelerator
         store = self.checkpoint_store
         staged = store.staging_dir(name)
+        # The upload in flight may read this very stage (``best`` again): finish it first.
+        self._wait_for_uploads_on_every_process()
         if accelerator.is_local_main_process:
-            if accelerator.is_main_process:
-                # The upload in flight may read this very stage (``best`` again).
-                self._uploader.wait()
             store.clear_staging(name)
         accelerator.wait_for_everyone()
         accelerator.save_state(staged)
@@ -152,6 +151,22 @@ class CheckpointMixin(MetricMonitoringMixin):
         """
         if self.accelerator.is_main_process:
             self._uploader.wait()
+
+    def _wait_for_uploads_on_every_process(self) -> None:
+        """Like :meth:`wait_for_uploads`, but a failure stops every process, not only
+        the main one that ran the upload (the others would wait for it forever)."""
+        error = message = None
+        if self.accelerator.is_main_process:
+            try:
+                self._uploader.wait()
+            except CheckpointUploadError as err:
+                error, message = err, str(err)
+        if self.accelerator.num_processes > 1:
+            message = broadcast_object_list([message])[0]
+        if error is not None:
+            raise error
+        if message is not None:
+            raise CheckpointUploadError(message)
 
     def _stages_per_machine(self) -> bool:
         """Whether processes run on several machines, each staging on its own disk."""
