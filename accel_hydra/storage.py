@@ -100,16 +100,21 @@ class CheckpointStore:
 
     # -- writing ---------------------------------------------------------------------
 
+    @property
+    def staging_root(self) -> str:
+        """The local directory that holds the stages of a remote store, keyed by its URL."""
+        key = hashlib.sha1(self.url.encode()).hexdigest()[:16]
+        return os.path.join(tempfile.gettempdir(), "accel_hydra_stage", key)
+
     def staging_dir(self, name: str) -> str:
         """A local directory to write checkpoint ``name`` into, the same on every process.
 
         Local stores stage beside the final place (a rename then commits it); remote
-        stores stage under the system temp directory, keyed by the store URL.
+        stores stage under the system temp directory (:attr:`staging_root`).
         """
         if self.is_local:
             return os.path.join(self.root, _STAGING_PREFIX + name)
-        key = hashlib.sha1(self.url.encode()).hexdigest()[:16]
-        return os.path.join(tempfile.gettempdir(), "accel_hydra_stage", key, name)
+        return os.path.join(self.staging_root, name)
 
     def clear_staging(self, name: str) -> None:
         """Remove a stale staging directory left by an earlier, interrupted save."""

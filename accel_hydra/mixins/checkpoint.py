@@ -126,14 +126,17 @@ class CheckpointMixin(MetricMonitoringMixin):
         info = {"step": step, "epoch": epoch, "batches_in_epoch": batches}
         if store.is_remote and self._stages_per_machine():
             self._upload_from_every_machine(name, staged, info)
-        elif accelerator.is_main_process and store.is_remote and self.async_upload:
-            self._uploader.submit(
-                lambda: store.commit(name, staged, info),
-                store.display(name),
-                on_failure=f"Its files are kept in {staged}; check the URL, credentials "
-                "and storage_options.",
-                after=lambda: self._prune(newest=name),
-            )
+        elif store.is_remote:
+            if accelerator.is_main_process:
+                self._uploader.submit(
+                    lambda: store.commit(name, staged, info),
+                    store.display(name),
+                    on_failure=f"Its files are kept in {staged}; check the URL, credentials "
+                    "and storage_options.",
+                    after=lambda: self._prune(newest=name),
+                )
+            if not self.async_upload:  # the same upload and retries, waited for here
+                self._wait_for_uploads_on_every_process()
         elif accelerator.is_main_process:
             store.commit(name, staged, info)
             self._prune(newest=name)
@@ -341,7 +344,7 @@ class CheckpointMixin(MetricMonitoringMixin):
         store = self.checkpoint_store
         where = redact(store.display())
         if store.is_remote:
-            where += f" (staged in {os.path.dirname(store.staging_dir('x'))}, "
+            where += f" (staged in {store.staging_root}, "
             where += "uploaded in the background)" if self.async_upload else "uploaded)"
         lines.append(("checkpoints", where))
         if self.storage_options:
