@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny real models and data, and a clean Accelerate state per test."""
+"""Shared fixtures: tiny real models and data, a clean Accelerate state per test, and
+real object-store servers (S3, GCS, Azure; see tests/storage_servers.py)."""
 
 from __future__ import annotations
 
