@@ -18,6 +18,7 @@ import sys
 import pytest
 
 from accel_hydra.storage import CheckpointStore
+from tests.storage_servers import free_port
 from tests.test_resume import REPO, assert_bitwise_equal, harness
 
 
@@ -68,30 +69,57 @@ def test_sigterm_flushes_the_upload_before_exiting(tmp_path, s3, reference):
     assert_bitwise_equal(reference, tmp_path / "result.pt")
 
 
-def test_two_processes_save_to_s3_and_resume_bitwise(tmp_path, s3):
-    """2 real processes (gloo): every one stages, the main one uploads and commits."""
+def test_two_processes_and_two_machines_save_to_s3_and_resume_bitwise(tmp_path, s3):
+    """2 real processes (gloo), first on one machine, then as if on two.
 
-    def launch(url, result, *args):
-        command = [
-            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-            "-m", "tests.resume_harness", "--project", str(tmp_path), "--result", str(result),
-            "--epochs", "2", "--checkpoint-dir", url,
-            "--storage-options", json.dumps(s3.storage_options), *map(str, args),
-        ]  # fmt: skip
-        env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    The reference run is one machine (torchrun): the main process uploads the shared
+    stage in the background. The killed and the resumed runs pose as two machines,
+    each process with its own temp dir (its own "local disk"): each must upload what
+    it staged itself, or the checkpoint lacks rank 1's random state and resume fails.
+    """
+    options = json.dumps(s3.storage_options)
+    common = ["-m", "tests.resume_harness", "--project", str(tmp_path), "--epochs", "2",
+              "--storage-options", options]  # fmt: skip
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+
+    def one_machine(url, result):
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                   *common, "--checkpoint-dir", url, "--result", str(result)]  # fmt: skip
         return subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env,
                               timeout=300)  # fmt: skip
 
+    def two_machines(url, result, *args):
+        port = str(free_port())
+        processes = []
+        for rank in (0, 1):
+            disk = tmp_path / f"machine{rank}_{port}"
+            disk.mkdir()
+            machine = {"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": "0",
+                       "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": port, "TMPDIR": str(disk)}  # fmt: skip
+            command = [sys.executable, *common, "--checkpoint-dir", url,
+                       "--result", f"{result}.{rank}", *map(str, args)]  # fmt: skip
+            processes.append(subprocess.Popen(
+                command, cwd=REPO, env={**env, **machine}, text=True,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            ))  # fmt: skip
+        outputs = [process.communicate(timeout=300) for process in processes]
+        return [process.returncode for process in processes], outputs[0]
+
     bucket = s3.new_bucket()
-    reference = launch(f"{bucket}/reference", tmp_path / "reference.pt")
+    reference = one_machine(f"{bucket}/reference", tmp_path / "reference.pt")
     assert reference.returncode == 0, reference.stderr[-3000:]
-    killed = launch(f"{bucket}/run", tmp_path / "unused.pt", "--kill", "after_checkpoint",
-                    "--at", 9)  # fmt: skip
-    assert killed.returncode != 0
-    assert CheckpointStore(f"{bucket}/run", s3.storage_options).latest() is not None
+    codes, _ = two_machines(f"{bucket}/run", tmp_path / "unused.pt", "--kill",
+                            "after_checkpoint", "--at", 9)  # fmt: skip
+    assert codes == [-signal.SIGKILL, -signal.SIGKILL]
+    store = CheckpointStore(f"{bucket}/run", s3.storage_options)
+    # Uploads on several machines are synchronous: step_9 was committed before the kill.
+    assert store.latest() == "step_9"
+    assert "random_states_1.pkl" in store.read_marker("step_9")["files"]
 
-    resumed = launch(f"{bucket}/run", tmp_path / "result.pt", "--resume", "latest")
+    codes, (stdout, stderr) = two_machines(f"{bucket}/run", tmp_path / "result.pt", "--resume",
+                                           "latest")  # fmt: skip
 
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from" in resumed.stdout
-    assert_bitwise_equal(tmp_path / "reference.pt", tmp_path / "result.pt")
+    assert codes == [0, 0], stderr[-3000:]
+    assert f"resumed from {bucket}/run/step_9" in stdout
+    assert_bitwise_equal(tmp_path / "reference.pt", f"{tmp_path / 'result.pt'}.0")
