@@ -24,6 +24,7 @@ first, then add your work, so any subset of mixins composes in any order):
 ``_ok_to_save()``                veto a save (for example after a non-finite loss)
 ``_update_is_safe()``            veto an optimizer update before it happens
 ``_on_interrupt()``              a preemption signal arrived: save, return where
+``_after_checkpoint(name)``      a checkpoint was saved: sync what goes with it (logs)
 ``_state_to_save()``             the trainer's own state, merged into each checkpoint
 ``_load_state(state)``           the inverse, on resume
 ``_after_train()``               training ended (normally or not): flush, close
@@ -537,6 +538,9 @@ class LoopBase(ABC):
     def _on_interrupt(self) -> str | None:
         """Save what is needed to resume; return where it went (None: nothing saved)."""
         return None
+
+    def _after_checkpoint(self, name: str) -> None:
+        pass
 
     def _state_to_save(self) -> dict[str, Any]:
         sampler = self._shuffling_sampler()

@@ -11,8 +11,9 @@ half-way is invisible.
 
 On a local filesystem a checkpoint is written into a hidden staging directory beside
 its final place and renamed into place after the marker is written, so replacing
-``best`` never leaves a half-written ``best`` behind. Other filesystems stage on
-local disk and upload the files, the marker last.
+``best`` never leaves a half-written ``best`` behind. Other filesystems (``s3://``,
+``gs://``, ``az://``, ``memory://``...) stage on local disk and upload the files, the
+marker last; :mod:`accel_hydra.uploader` runs that upload in the background.
 """
 
 from __future__ import annotations
@@ -30,7 +31,13 @@ from fsspec.implementations.local import LocalFileSystem
 
 from accel_hydra.retention import checkpoint_order
 
-__all__ = ["MARKER", "CheckpointCorruptError", "CheckpointNotFoundError", "CheckpointStore"]
+__all__ = [
+    "MARKER",
+    "CheckpointCorruptError",
+    "CheckpointNotFoundError",
+    "CheckpointStore",
+    "staged_files",
+]
 
 #: File whose presence makes a checkpoint directory committed. Holds its progress record.
 MARKER = "accel_hydra_committed.json"
@@ -77,6 +84,11 @@ class CheckpointStore:
         self.root = root.rstrip("/") or "/"
         self.is_local = isinstance(self.fs, LocalFileSystem)
 
+    @property
+    def is_remote(self) -> bool:
+        """Whether checkpoints are uploaded from a local stage (anything but local disk)."""
+        return not self.is_local
+
     def path(self, name: str) -> str:
         """Path of checkpoint ``name`` on the store's filesystem."""
         return f"{self.root}/{name}"
@@ -88,16 +100,21 @@ class CheckpointStore:
 
     # -- writing ---------------------------------------------------------------------
 
+    @property
+    def staging_root(self) -> str:
+        """The local directory that holds the stages of a remote store, keyed by its URL."""
+        key = hashlib.sha1(self.url.encode()).hexdigest()[:16]
+        return os.path.join(tempfile.gettempdir(), "accel_hydra_stage", key)
+
     def staging_dir(self, name: str) -> str:
         """A local directory to write checkpoint ``name`` into, the same on every process.
 
         Local stores stage beside the final place (a rename then commits it); remote
-        stores stage under the system temp directory, keyed by the store URL.
+        stores stage under the system temp directory (:attr:`staging_root`).
         """
         if self.is_local:
             return os.path.join(self.root, _STAGING_PREFIX + name)
-        key = hashlib.sha1(self.url.encode()).hexdigest()[:16]
-        return os.path.join(tempfile.gettempdir(), "accel_hydra_stage", key, name)
+        return os.path.join(self.staging_root, name)
 
     def clear_staging(self, name: str) -> None:
         """Remove a stale staging directory left by an earlier, interrupted save."""
@@ -106,37 +123,53 @@ class CheckpointStore:
     def commit(self, name: str, staged: str, info: dict[str, Any]) -> None:
         """Make the files in ``staged`` the committed checkpoint ``name``.
 
+        Remote stores upload every staged file, then write the marker, then remove the
+        stage; if anything fails the stage is kept, so the save can be retried.
+
         Args:
             name: checkpoint name (``step_100``, ``epoch_3``, ``best``...).
             staged: local directory holding every file of the checkpoint.
             info: progress record (at least ``step`` and ``epoch``) stored in the marker.
         """
-        files = {}
-        for dirpath, _, filenames in os.walk(staged):
-            for filename in filenames:
-                local = os.path.join(dirpath, filename)
-                rel = os.path.relpath(local, staged).replace(os.sep, "/")
-                if rel != MARKER:
-                    files[rel] = os.path.getsize(local)
-        marker = json.dumps({**info, "files": files}, sort_keys=True)
         if self.is_local:
+            marker = _marker_text(info, staged_files(staged))
             with open(os.path.join(staged, MARKER), "w") as f:
                 f.write(marker)
                 f.flush()
                 os.fsync(f.fileno())
             self._swap_into_place(name, staged)
             return
-        target = self.path(name)
-        if self.fs.exists(target):
-            self.delete(name)
-        for dirpath, _, filenames in os.walk(staged):
-            for filename in filenames:
-                local = os.path.join(dirpath, filename)
-                rel = os.path.relpath(local, staged).replace(os.sep, "/")
-                self.fs.put_file(local, f"{target}/{rel}")
-        with self.fs.open(f"{target}/{MARKER}", "w") as f:
-            f.write(marker)
+        self.clear_target(name)
+        files = self.upload(name, staged)
+        self.write_marker(name, info, files)
         shutil.rmtree(staged, ignore_errors=True)
+
+    def clear_target(self, name: str) -> None:
+        """Delete an earlier checkpoint ``name`` (``best``) before its replacement is uploaded."""
+        self.fs.invalidate_cache()
+        if self.fs.exists(self.path(name)):
+            self.delete(name)
+
+    def upload(self, name: str, staged: str) -> dict[str, int]:
+        """Copy the files of a local stage under checkpoint ``name``; no marker.
+
+        On several machines each one uploads the files its own processes staged; one
+        process then writes the marker (:meth:`write_marker`) with every file listed.
+
+        Returns:
+            relative path -> size of every file uploaded.
+        """
+        files = staged_files(staged)
+        target = self.path(name)
+        for rel in sorted(files):
+            self.fs.put_file(os.path.join(staged, *rel.split("/")), f"{target}/{rel}")
+        return files
+
+    def write_marker(self, name: str, info: dict[str, Any], files: dict[str, int]) -> None:
+        """Commit checkpoint ``name``: call only once every file in ``files`` is stored."""
+        with self.fs.open(f"{self.path(name)}/{MARKER}", "w") as f:
+            f.write(_marker_text(info, files))
+        self.fs.invalidate_cache()
 
     def _swap_into_place(self, name: str, staged: str) -> None:
         final = self.path(name)
@@ -181,6 +214,8 @@ class CheckpointStore:
 
     def committed(self) -> dict[str, dict[str, Any]]:
         """Every committed checkpoint: name -> the progress record in its marker."""
+        # s3fs, gcsfs and adlfs cache listings; another process may have committed since.
+        self.fs.invalidate_cache()
         try:
             entries = self.fs.ls(self.root, detail=True)
         except FileNotFoundError:
@@ -244,8 +279,14 @@ class CheckpointStore:
         self.fs.mv(self.path(name), self.path(hidden), recursive=True)
         return hidden
 
-    def fetch(self, name: str, cache_dir: str | None = None) -> str:
+    def fetch(self, name: str, cache_dir: str | None = None, download: bool = True) -> str:
         """A local directory holding checkpoint ``name``, downloading it if remote.
+
+        Args:
+            name: the checkpoint.
+            cache_dir: where remote checkpoints are downloaded; default: the temp dir.
+            download: False only checks the checkpoint and returns where it will be, for
+                processes that share a machine with the one that downloads it.
 
         Raises:
             CheckpointNotFoundError: the checkpoint is missing or has no commit marker.
@@ -267,6 +308,28 @@ class CheckpointStore:
             return self.path(name)
         key = hashlib.sha1(self.url.encode()).hexdigest()[:16]
         local = os.path.join(cache_dir or tempfile.gettempdir(), "accel_hydra_fetch", key, name)
+        if not download:
+            return local
         shutil.rmtree(local, ignore_errors=True)
-        self.fs.get(self.path(name) + "/", local + "/", recursive=True)
+        info = self.read_marker(name) or {}
+        for rel in sorted(info.get("files", {})):
+            destination = os.path.join(local, *rel.split("/"))
+            os.makedirs(os.path.dirname(destination), exist_ok=True)
+            self.fs.get_file(f"{self.path(name)}/{rel}", destination)
         return local
+
+
+def staged_files(staged: str) -> dict[str, int]:
+    """Relative path (``/``-separated) -> size of every file in a stage, marker excluded."""
+    files = {}
+    for dirpath, _, filenames in os.walk(staged):
+        for filename in filenames:
+            local = os.path.join(dirpath, filename)
+            rel = os.path.relpath(local, staged).replace(os.sep, "/")
+            if rel != MARKER:
+                files[rel] = os.path.getsize(local)
+    return files
+
+
+def _marker_text(info: dict[str, Any], files: dict[str, int]) -> str:
+    return json.dumps({**info, "files": files}, sort_keys=True)

@@ -14,12 +14,16 @@ final model and optimizer state to ``--result`` for bitwise comparison.
 - ``during_save``: SIGKILL inside the save at update ``--at``, after the weights are
   written and before the commit marker;
 - ``sigterm``: SIGTERM at update ``--at`` (a preemption): the run checkpoints and exits.
+
+``--checkpoint-dir URL`` with ``--storage-options JSON`` saves to an object store
+(uploaded in the background) instead of ``PROJECT/checkpoints``.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 import signal
 from dataclasses import dataclass, field
@@ -77,6 +81,8 @@ def main(argv=None):
     parser.add_argument("--kill", default=None)
     parser.add_argument("--at", type=int, default=-1)
     parser.add_argument("--resume", default=None)
+    parser.add_argument("--checkpoint-dir", default=None)
+    parser.add_argument("--storage-options", type=json.loads, default=None)
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
@@ -97,6 +103,8 @@ def main(argv=None):
         metric_monitor=MetricMonitor(metric_name="loss"),
         save_every_n_steps=args.save_every,
         save_last_k=2,
+        checkpoint_dir=args.checkpoint_dir,
+        storage_options=args.storage_options,
         resume_from_checkpoint=args.resume,
         kill=args.kill,
         at=args.at,

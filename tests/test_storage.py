@@ -92,3 +92,24 @@ def test_memory_filesystem_round_trip(tmp_path):
         assert f.read() == "remote"
     store.delete("step_1")
     assert set(store.committed()) == {"step_2"}
+
+
+def test_object_store_commit_list_replace_fetch_delete(tmp_path, backend):
+    bucket = backend.new_bucket()
+    store = CheckpointStore(f"{bucket}/run", backend.storage_options)
+    commit(store, "step_1", 1, payload="one")
+    commit(store, "best", 1, payload="old")
+    commit(store, "best", 2, payload="new")
+    fs = backend.filesystem()
+    root = bucket.split("://", 1)[1]
+    fs.pipe(f"{root}/run/step_9/model.bin", b"upload cut short")  # no marker
+    fs.pipe(f"{root}/run-old/step_5/{MARKER}", b'{"step": 5, "epoch": 0}')
+
+    assert store.committed().keys() == {"step_1", "best"}
+    assert store.latest() == "best"
+    with open(os.path.join(store.fetch("best", cache_dir=str(tmp_path)), "model.bin")) as f:
+        assert f.read() == "new"
+    store.delete("step_1")
+    assert store.committed().keys() == {"best"}
+    assert fs.exists(f"{root}/run-old/step_5/{MARKER}")
+    assert not os.path.exists(store.staging_dir("best"))

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
+from accelerate.utils import broadcast_object_list, gather_object
 
 from accel_hydra.mixins.monitoring import MetricMonitoringMixin
+from accel_hydra.redaction import redact
 from accel_hydra.retention import checkpoint_order, checkpoints_to_prune
 from accel_hydra.storage import CheckpointCorruptError, CheckpointStore
+from accel_hydra.uploader import BackgroundUploader, CheckpointUploadError
 
 __all__ = ["CheckpointMixin", "TRAINER_STATE_FILE"]
 
@@ -41,7 +45,12 @@ class CheckpointMixin(MetricMonitoringMixin):
         resume_from_checkpoint: a checkpoint name in ``checkpoint_dir`` (``best``,
             ``step_100``), a path or URL to a checkpoint directory, or ``"latest"`` (the
             newest committed checkpoint; a fresh run when there is none).
-        async_upload: upload remote checkpoints in the background (remote storage).
+        async_upload: for a remote ``checkpoint_dir``, upload in a background thread:
+            training goes on as soon as the local stage is written. At most one upload
+            is in flight (the next save waits for it); ``train()`` waits for the last
+            one before it returns, also after an error or a preemption. A failed
+            upload is retried (:attr:`upload_retry_delays`), then raised naming the URL.
+            Ignored for local paths, which are committed by a rename.
 
     Attributes:
         best_checkpoint: where the ``best`` checkpoint was last saved, or ``None``.
@@ -56,6 +65,9 @@ class CheckpointMixin(MetricMonitoringMixin):
     permanent_save_every_n_steps: int | None = None
     resume_from_checkpoint: str | None = None
     async_upload: bool = True
+
+    #: Seconds between the attempts of a failed upload (one retry per entry).
+    upload_retry_delays: ClassVar[tuple[float, ...]] = (1.0, 4.0, 16.0)
 
     @property
     def checkpoint_objects(self) -> list[Any]:
@@ -85,6 +97,7 @@ class CheckpointMixin(MetricMonitoringMixin):
         self.resumed_from: str | None = None
         self._last_saved: tuple[int, int, int] | None = None
         self._last_saved_name: str | None = None
+        self._uploader = BackgroundUploader(self.upload_retry_delays)
 
     # ----------------------------------------------------------------- saving
 
@@ -100,21 +113,91 @@ class CheckpointMixin(MetricMonitoringMixin):
         accelerator = self.accelerator
         store = self.checkpoint_store
         staged = store.staging_dir(name)
-        if accelerator.is_main_process:
+        # The upload in flight may read this very stage (``best`` again): finish it first.
+        self._wait_for_uploads_on_every_process()
+        if accelerator.is_local_main_process:
             store.clear_staging(name)
         accelerator.wait_for_everyone()
         accelerator.save_state(staged)
         if accelerator.is_main_process:
             torch.save(self._state_to_save(), os.path.join(staged, TRAINER_STATE_FILE))
         accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            step, epoch, batches = self._progress()
-            store.commit(name, staged, {"step": step, "epoch": epoch, "batches_in_epoch": batches})
+        step, epoch, batches = self._progress()
+        info = {"step": step, "epoch": epoch, "batches_in_epoch": batches}
+        if store.is_remote and self._stages_per_machine():
+            self._upload_from_every_machine(name, staged, info)
+        elif store.is_remote:
+            if accelerator.is_main_process:
+                self._uploader.submit(
+                    lambda: store.commit(name, staged, info),
+                    store.display(name),
+                    on_failure=f"Its files are kept in {staged}; check the URL, credentials "
+                    "and storage_options.",
+                    after=lambda: self._prune(newest=name),
+                )
+            if not self.async_upload:  # the same upload and retries, waited for here
+                self._wait_for_uploads_on_every_process()
+        elif accelerator.is_main_process:
+            store.commit(name, staged, info)
             self._prune(newest=name)
         accelerator.wait_for_everyone()
         self._last_saved = self._progress()
         self._last_saved_name = name
+        self._after_checkpoint(name)
         return True
+
+    def wait_for_uploads(self) -> None:
+        """Block until the checkpoint upload in flight is committed (main process).
+
+        Raises:
+            CheckpointUploadError: it failed after every retry.
+        """
+        if self.accelerator.is_main_process:
+            self._uploader.wait()
+
+    def _wait_for_uploads_on_every_process(self) -> None:
+        """Like :meth:`wait_for_uploads`, but a failure stops every process, not only
+        the main one that ran the upload (the others would wait for it forever)."""
+        error = message = None
+        if self.accelerator.is_main_process:
+            try:
+                self._uploader.wait()
+            except CheckpointUploadError as err:
+                error, message = err, str(err)
+        if self.accelerator.num_processes > 1:
+            message = broadcast_object_list([message])[0]
+        if error is not None:
+            raise error
+        if message is not None:
+            raise CheckpointUploadError(message)
+
+    def _stages_per_machine(self) -> bool:
+        """Whether processes run on several machines, each staging on its own disk."""
+        per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", self.accelerator.num_processes))
+        return self.accelerator.num_processes > per_machine
+
+    def _upload_from_every_machine(self, name: str, staged: str, info: dict) -> None:
+        """Each machine uploads what its processes staged; then the marker, once.
+
+        Synchronous: the marker must list every machine's files, which needs all of
+        them to meet after their uploads.
+        """
+        accelerator, store = self.accelerator, self.checkpoint_store
+        if accelerator.is_main_process:
+            store.clear_target(name)
+        accelerator.wait_for_everyone()
+        uploaded = store.upload(name, staged) if accelerator.is_local_main_process else {}
+        if accelerator.is_main_process:
+            files = {}
+            for part in gather_object([uploaded]):
+                files.update(part)
+            store.write_marker(name, info, files)
+            self._prune(newest=name)
+        else:
+            gather_object([uploaded])
+        accelerator.wait_for_everyone()
+        if accelerator.is_local_main_process:
+            shutil.rmtree(staged, ignore_errors=True)
 
     def _progress(self) -> tuple[int, int, int]:
         return (self.step, self.epoch, self._batches_in_epoch)
@@ -133,6 +216,8 @@ class CheckpointMixin(MetricMonitoringMixin):
                 return None
         elif self._last_saved_name is None:  # resumed and interrupted before any update
             return self.resumed_from and self.checkpoint_store.display(self.resumed_from)
+        # The grace period before SIGKILL is short: the checkpoint must be stored now.
+        self.wait_for_uploads()
         return self.checkpoint_store.display(self._last_saved_name)
 
     def _after_update(self) -> None:
@@ -202,8 +287,17 @@ class CheckpointMixin(MetricMonitoringMixin):
             f"no checkpoint in {store.display()} could be loaded: " + "; ".join(reasons)
         )
 
+    def _after_train(self) -> None:
+        try:
+            self.wait_for_uploads()
+        finally:
+            super()._after_train()
+
     def _restore_from(self, store: CheckpointStore, name: str) -> None:
-        self.load_checkpoint(store.fetch(name), label=store.display(name))
+        # One download per machine; its other processes read the same directory.
+        local = store.fetch(name, download=self.accelerator.is_local_main_process)
+        self.accelerator.wait_for_everyone()
+        self.load_checkpoint(local, label=store.display(name))
         if store.url == self.checkpoint_store.url:
             self.resumed_from = name
         self._last_saved = self._progress()
@@ -260,7 +354,14 @@ class CheckpointMixin(MetricMonitoringMixin):
 
     def _summary_lines(self) -> list[tuple[str, str]]:
         lines = super()._summary_lines()
-        lines.append(("checkpoints", self.checkpoint_store.display()))
+        store = self.checkpoint_store
+        where = redact(store.display())
+        if store.is_remote:
+            where += f" (staged in {store.staging_root}, "
+            where += "uploaded in the background)" if self.async_upload else "uploaded)"
+        lines.append(("checkpoints", where))
+        if self.storage_options:
+            lines.append(("storage options", str(redact(self.storage_options))))
         if self.resumed_from:
             lines.append(("resumed from", self.resumed_from))
         return lines

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 from typing import Any
 
+import fsspec
 from accelerate.tracking import GeneralTracker
+from fsspec.implementations.local import LocalFileSystem
 
 from accel_hydra.loop import LoopBase
+from accel_hydra.redaction import redact
 
 __all__ = ["LoggingMixin", "TensorBoardXTracker"]
 
@@ -33,7 +38,7 @@ class TensorBoardXTracker(GeneralTracker):
         return self.writer
 
     def store_init_configuration(self, values: dict) -> None:
-        self.writer.add_text("config", _as_code_block(values))
+        self.writer.add_text("config", _as_code_block(redact(values)))
 
     def log(self, values: dict, step: int | None = None, **kwargs: Any) -> None:
         for key, value in values.items():
@@ -51,10 +56,18 @@ class LoggingMixin(LoopBase):
     Every ``log_every_n_steps`` updates it logs ``train/loss`` (the mean since the last
     log), ``train/lr`` (the rate the update used), ``train/grad_norm`` (when gradient
     clipping computed one) and ``train/samples_per_sec``; after each validation, every
-    metric as ``val/<name>``; at the start, the run's ``config_dict`` as text.
+    metric as ``val/<name>``; at the start, the run's ``config_dict`` as text, with
+    credentials hidden.
+
+    A remote ``log_dir`` (``s3://...``) is not written directly: tensorboardX's own
+    cloud writers upload the whole event file again on every flush. Event files are
+    written to a local cache and copied to ``log_dir`` after each checkpoint and when
+    training ends.
 
     Args:
-        log_dir: where event files go; default ``{project_dir}/logs``.
+        log_dir: where event files go, a path or fsspec URL; default ``{project_dir}/logs``.
+        log_storage_options: fsspec options for a remote ``log_dir``; default: the
+            checkpoint's ``storage_options`` (when the trainer has them).
         log_every_n_steps: log every this many optimizer updates. The loss is moved
             off the device only on these steps.
         report_to: ``"tensorboard"`` (tensorboardX) or ``None`` (log nothing).
@@ -63,6 +76,7 @@ class LoggingMixin(LoopBase):
     log_dir: str | None = None
     log_every_n_steps: int = 50
     report_to: str | None = "tensorboard"
+    log_storage_options: dict | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -73,6 +87,16 @@ class LoggingMixin(LoopBase):
         if self.log_dir is None:
             self.log_dir = os.path.join(self.project_dir, "logs")
         self.log_dir = str(self.log_dir)
+        options = self.log_storage_options
+        if options is None:
+            options = getattr(self, "storage_options", None)
+        self._log_fs, self._log_root = fsspec.core.url_to_fs(self.log_dir, **(options or {}))
+        if isinstance(self._log_fs, LocalFileSystem):
+            self._log_fs = None
+            self._local_log_dir = self.log_dir
+        else:
+            key = hashlib.sha1(self.log_dir.encode()).hexdigest()[:16]
+            self._local_log_dir = os.path.join(tempfile.gettempdir(), "accel_hydra_logs", key)
         self._writer = None
         self._lr_of_update: float | None = None
 
@@ -98,7 +122,7 @@ class LoggingMixin(LoopBase):
             return
         from tensorboardX import SummaryWriter  # imported late: only the writer needs it
 
-        self._writer = SummaryWriter(logdir=self.log_dir)
+        self._writer = SummaryWriter(logdir=self._local_log_dir)
         self._tracker = TensorBoardXTracker(self._writer)
         self.accelerator.trackers.append(self._tracker)
         if self.config_dict:
@@ -126,16 +150,39 @@ class LoggingMixin(LoopBase):
         super()._after_validation(metrics)
         self.log({f"val/{name}": value for name, value in metrics.items()})
 
+    def sync_logs(self) -> None:
+        """Copy the local event files to a remote ``log_dir`` (main process; else no-op)."""
+        if self._writer is None or self._log_fs is None:
+            return
+        self._writer.flush()
+        self._upload_logs()
+
+    def _upload_logs(self) -> None:
+        root = self._local_log_dir
+        for dirpath, _, filenames in os.walk(root):
+            for filename in filenames:
+                local = os.path.join(dirpath, filename)
+                rel = os.path.relpath(local, root).replace(os.sep, "/")
+                self._log_fs.put_file(local, f"{self._log_root.rstrip('/')}/{rel}")
+
+    def _after_checkpoint(self, name: str) -> None:
+        super()._after_checkpoint(name)
+        self.sync_logs()
+
     def _after_train(self) -> None:
         super()._after_train()
         if self._writer is not None:
             self._writer.close()
             self.accelerator.trackers.remove(self._tracker)
             self._writer = None
+            if self._log_fs is not None:
+                self._upload_logs()
 
     def _summary_lines(self) -> list[tuple[str, str]]:
         lines = super()._summary_lines()
-        where = self.log_dir if self.report_to else "off"
+        where = redact(self.log_dir) if self.report_to else "off"
+        if self.report_to and self._log_fs is not None:
+            where += f" (written to {self._local_log_dir}, copied at checkpoints and the end)"
         lines.append(("logs", f"{where} (every {self.log_every_n_steps} updates)"))
         return lines
 

@@ -1,10 +1,13 @@
-from dataclasses import dataclass
+import os
+import uuid
+from dataclasses import dataclass, field
 
+import fsspec
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from accel_hydra import GradClipMixin, LoggingMixin
-from tests.conftest import compose, trainer_kwargs
+from tests.conftest import ToyTrainer, compose, trainer_kwargs
 
 Logged = compose(GradClipMixin, LoggingMixin)
 
@@ -62,3 +65,31 @@ def test_report_to_none_writes_nothing(tmp_path):
 def test_unknown_backend_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="report_to must be 'tensorboard' or None"):
         Logged(**trainer_kwargs(tmp_path), report_to="wandb")
+
+
+@dataclass(kw_only=True, eq=False)
+class RemoteLogsSeen(ToyTrainer):
+    """Records, at the end of each epoch, which event files the remote log_dir holds."""
+
+    seen: list = field(default_factory=list)
+
+    def on_train_epoch_end(self):
+        fs, root = fsspec.core.url_to_fs(self.log_dir)
+        self.seen.append(fs.glob(f"{root}/events.out.tfevents.*"))
+
+
+def test_remote_log_dir_is_filled_at_each_checkpoint_not_only_at_the_end(tmp_path):
+    log_dir = f"memory://logs-{uuid.uuid4().hex}/run"
+    trainer = RemoteLogsSeen(**trainer_kwargs(tmp_path), log_dir=log_dir, log_every_n_steps=5)
+    trainer.train(seed=0)
+    # Epoch 1 ended after its checkpoint: the event file was already copied then.
+    assert trainer.seen[0], "no event file in the remote log_dir after the first checkpoint"
+    assert not os.path.exists(tmp_path / "logs")
+    events = read_events(_download(log_dir, tmp_path / "copy"))
+    assert {"train/loss", "val/loss"} <= set(events.Tags()["scalars"])
+
+
+def _download(url, local):
+    fs, root = fsspec.core.url_to_fs(url)
+    fs.get(root + "/", str(local) + "/", recursive=True)
+    return local

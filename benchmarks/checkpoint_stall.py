@@ -1,0 +1,167 @@
+"""How long training stalls on a checkpoint save: S3 with background upload vs local disk.
+
+Starts its own S3 server (moto, on 127.0.0.1), then trains the same model twice in
+this process, saving every ``--save-every`` updates: once to a local directory, once to
+``s3://`` with ``async_upload=True``. The stall of a save is the time the training
+thread spends inside ``save_checkpoint``; the upload itself runs in the background.
+It also times the background uploads against a plain ``fs.put`` of the same files.
+
+Run from the repository root (needs ``pip install -e ".[test]"`` for s3fs and moto)::
+
+    python benchmarks/checkpoint_stall.py
+    python benchmarks/checkpoint_stall.py --width 2048 --save-every 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import fsspec
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from accel_hydra import Trainer
+from accel_hydra.storage import CheckpointStore, staged_files
+
+
+class TimedStore(CheckpointStore):
+    """A store that records how long each commit (upload + marker) took, and its bytes."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.commits: list[tuple[float, int]] = []
+
+    def commit(self, name, staged, info):
+        size = sum(staged_files(staged).values())
+        start = time.perf_counter()
+        super().commit(name, staged, info)
+        self.commits.append((time.perf_counter() - start, size))
+
+
+@dataclass(kw_only=True, eq=False)
+class StallTrainer(Trainer):
+    """Regression trainer that times every save as the training thread sees it."""
+
+    stalls: list = field(default_factory=list)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.mse_loss(self.model(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        pass
+
+    def save_checkpoint(self, name):
+        start = time.perf_counter()
+        saved = super().save_checkpoint(name)
+        self.stalls.append(time.perf_counter() - start)
+        return saved
+
+
+def start_moto() -> tuple[subprocess.Popen, int]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(300):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return server, port
+        except OSError:
+            time.sleep(0.1)
+    server.kill()
+    raise RuntimeError("moto's server did not start; is moto[server] installed?")
+
+
+def run(args, project_dir, checkpoint_dir, storage_options=None):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(64, args.width), nn.ReLU(), nn.Linear(args.width, args.width),
+        nn.ReLU(), nn.Linear(args.width, 1),
+    )  # fmt: skip
+    data = TensorDataset(torch.randn(args.batches * 32, 64), torch.randn(args.batches * 32, 1))
+    trainer = StallTrainer(
+        model=model,
+        optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3),
+        train_dataloader=DataLoader(data, batch_size=32, shuffle=True),
+        epochs=1,
+        project_dir=project_dir,
+        progress_bar=False,
+        report_to=None,
+        checkpoint_dir=checkpoint_dir,
+        storage_options=storage_options,
+        save_every_n_steps=args.save_every,
+        save_every_n_epochs=None,
+        save_last_k=2,
+    )
+    trainer.checkpoint_store = TimedStore(checkpoint_dir, storage_options)
+    start = time.perf_counter()
+    trainer.train(seed=0)
+    return trainer, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--width", type=int, default=1024, help="hidden width of the MLP")
+    parser.add_argument("--batches", type=int, default=200, help="updates in the run")
+    parser.add_argument("--save-every", type=int, default=40, help="updates between saves")
+    args = parser.parse_args()
+
+    server, port = start_moto()
+    try:
+        options = {
+            "key": "benchmark",
+            "secret": "benchmark",
+            "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"},
+        }
+        fs = fsspec.filesystem("s3", **options)
+        bucket = f"bench-{uuid.uuid4().hex[:8]}"
+        fs.mkdir(bucket)
+        with tempfile.TemporaryDirectory() as tmp:
+            local, local_wall = run(args, tmp, os.path.join(tmp, "checkpoints"))
+            remote, remote_wall = run(args, tmp, f"s3://{bucket}/run", options)
+            # The same files, uploaded by a plain fs.put while nothing else runs.
+            newest = local.checkpoint_store.latest()
+            folder = local.checkpoint_store.path(newest)
+            size = sum(staged_files(folder).values())
+            start = time.perf_counter()
+            fs.put(folder + "/", f"{bucket}/plain/{newest}/", recursive=True)
+            plain_seconds = time.perf_counter() - start
+    finally:
+        os.kill(server.pid, signal.SIGTERM)
+        server.wait()
+
+    local_stall = statistics.median(local.stalls)
+    remote_stall = statistics.median(remote.stalls)
+    upload_seconds = statistics.median(t for t, _ in remote.checkpoint_store.commits)
+    upload_bytes = remote.checkpoint_store.commits[0][1]
+    background_mb_s = upload_bytes / upload_seconds / 1e6
+    plain_mb_s = size / plain_seconds / 1e6
+    params = sum(p.numel() for p in local.model.parameters())
+    print(f"model: {params / 1e6:.1f}M parameters, checkpoint {size / 1e6:.1f} MB, "
+          f"{len(local.stalls)} saves in {args.batches} updates")  # fmt: skip
+    print(f"local disk:          median stall per save {local_stall * 1e3:8.1f} ms, "
+          f"run {local_wall:6.2f} s")  # fmt: skip
+    print(f"s3 (background):     median stall per save {remote_stall * 1e3:8.1f} ms, "
+          f"run {remote_wall:6.2f} s (includes waiting for the last upload)")  # fmt: skip
+    print(f"stall ratio s3/local: {remote_stall / local_stall:.2f}")
+    print(f"background upload:   {background_mb_s:8.1f} MB/s (median of "
+          f"{len(remote.checkpoint_store.commits)} uploads, while training)")  # fmt: skip
+    print(f"plain fs.put:        {plain_mb_s:8.1f} MB/s (same files, nothing else running)")
+    print(f"throughput ratio background/plain: {background_mb_s / plain_mb_s:.2f}")
+
+
+if __name__ == "__main__":
+    main()
