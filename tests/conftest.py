@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass, field
 
 import pytest
@@ -16,6 +18,23 @@ from torch.utils.data import DataLoader, TensorDataset
 from accel_hydra import LoopBase, Trainer
 
 os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_module(module, *args, cwd=REPO, env=None, timeout=300, runner=(sys.executable,)):
+    """Run ``python -m module args`` (or under ``runner``, e.g. torchrun) in a real
+    subprocess and capture its output."""
+    return subprocess.run(
+        [*runner, "-m", module, *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
 # gcsfs reads it on import; without it every emulated bucket costs a 60 s probe.
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from accel_hydra.cli import main
+from tests.conftest import run_module
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join("examples", "digits", "configs", "train.yaml")
@@ -38,22 +39,14 @@ def test_digits_example_reaches_95_percent(tmp_path):
 
 
 def test_module_entry_with_overrides(tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "accel_hydra.train_entry",
-            "-c",
-            CONFIG,
-            "-o",
-            f"trainer.project_dir={tmp_path}",
-            "trainer.epochs=2",
-            "+trainer.save_every_n_steps=5",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    result = run_module(
+        "accel_hydra.train_entry",
+        "-c",
+        CONFIG,
+        "-o",
+        f"trainer.project_dir={tmp_path}",
+        "trainer.epochs=2",
+        "+trainer.save_every_n_steps=5",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "epochs completed   2" in result.stdout

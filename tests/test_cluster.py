@@ -5,34 +5,26 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 
+from tests.conftest import REPO, run_module
+
 pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="hydra-submitit-launcher")
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(REPO, "examples", "digits", "configs")
 
 
 def hydra_app(*args, cwd):
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "accel_hydra.hydra_app",
-            "--config-dir",
-            CONFIG_DIR,
-            "--config-name",
-            "train",
-            *args,
-        ],
+    return run_module(
+        "accel_hydra.hydra_app",
+        "--config-dir",
+        CONFIG_DIR,
+        "--config-name",
+        "train",
+        *args,
         cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "PYTHONPATH": REPO},
+        env={"PYTHONPATH": REPO},
     )
 
 
@@ -82,13 +74,7 @@ def test_a_hydra_app_job_resumes_with_the_plain_command(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"project_dir: {sweep / '0'}" in (sweep / "0" / "config.yaml").read_text()
-    resumed = subprocess.run(
-        [sys.executable, "-m", "accel_hydra.train_entry", "--resume", str(sweep / "0")],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    resumed = run_module("accel_hydra.train_entry", "--resume", sweep / "0")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout
     assert re.search(r"epochs completed\s+1\n", resumed.stdout)

@@ -9,13 +9,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import pytest
 import torch
 
 from accel_hydra.storage import CheckpointStore
+from tests.conftest import run_module
 from tests.test_resume import assert_bitwise_equal
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,26 +28,17 @@ pytestmark = pytest.mark.skipif(
 
 
 def torchrun(nproc, scenario, out, project, *args, timeout=240):
-    return subprocess.run(
-        [
-            TORCHRUN,
-            "--standalone",
-            "--nproc_per_node",
-            str(nproc),
-            "-m",
-            "tests.dist_harness",
-            scenario,
-            "--out",
-            str(out),
-            "--project",
-            str(project),
-            *map(str, args),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
+    return run_module(
+        "tests.dist_harness",
+        scenario,
+        "--out",
+        out,
+        "--project",
+        project,
+        *args,
         timeout=timeout,
-        env={**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"},
+        env={"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"},
+        runner=(TORCHRUN, "--standalone", "--nproc_per_node", str(nproc)),
     )
 
 

@@ -10,34 +10,25 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from accel_hydra.storage import CheckpointStore
+from tests.conftest import run_module
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def harness(project, result, *args):
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tests.resume_harness",
-            "--project",
-            str(project),
-            "--result",
-            str(result),
-            *map(str, args),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "ACCELERATE_USE_CPU": "true"},
+    return run_module(
+        "tests.resume_harness",
+        "--project",
+        project,
+        "--result",
+        result,
+        *args,
+        env={"ACCELERATE_USE_CPU": "true"},
     )
 
 
