@@ -1,9 +1,9 @@
 """How long training stalls on a checkpoint save: S3 with background upload vs local disk.
 
-Starts its own S3 server (moto, on 127.0.0.1), then trains the same model twice in
-this process, saving every ``--save-every`` updates: once to a local directory, once to
-``s3://`` with ``async_upload=True``. The stall of a save is the time the training
-thread spends inside ``save_checkpoint``; the upload itself runs in the background.
+Starts its own S3 server (moto, on 127.0.0.1), then trains the same model three times in
+this process, saving every ``--save-every`` updates: to a local directory, to ``s3://``
+with ``async_upload=True``, and to ``s3://`` with ``async_upload=False``. The stall of a
+save is the time the training thread spends inside ``save_checkpoint``.
 It also times the background uploads against a plain ``fs.put`` of the same files.
 
 Run from the repository root (needs ``pip install -e ".[test]"`` for s3fs and moto)::
@@ -85,7 +85,7 @@ def start_moto() -> tuple[subprocess.Popen, int]:
     raise RuntimeError("moto's server did not start; is moto[server] installed?")
 
 
-def run(args, project_dir, checkpoint_dir, storage_options=None):
+def run(args, project_dir, checkpoint_dir, storage_options=None, async_upload=True):
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Linear(64, args.width), nn.ReLU(), nn.Linear(args.width, args.width),
@@ -105,6 +105,7 @@ def run(args, project_dir, checkpoint_dir, storage_options=None):
         save_every_n_steps=args.save_every,
         save_every_n_epochs=None,
         save_last_k=2,
+        async_upload=async_upload,
     )
     trainer.checkpoint_store = TimedStore(checkpoint_dir, storage_options)
     start = time.perf_counter()
@@ -132,6 +133,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             local, local_wall = run(args, tmp, os.path.join(tmp, "checkpoints"))
             remote, remote_wall = run(args, tmp, f"s3://{bucket}/run", options)
+            blocking, blocking_wall = run(args, tmp, f"s3://{bucket}/sync", options, False)
             # The same files, uploaded by a plain fs.put while nothing else runs.
             newest = local.checkpoint_store.latest()
             folder = local.checkpoint_store.path(newest)
@@ -152,11 +154,15 @@ def main() -> None:
     params = sum(p.numel() for p in local.model.parameters())
     print(f"model: {params / 1e6:.1f}M parameters, checkpoint {size / 1e6:.1f} MB, "
           f"{len(local.stalls)} saves in {args.batches} updates")  # fmt: skip
-    print(f"local disk:          median stall per save {local_stall * 1e3:8.1f} ms, "
+    print(f"local disk:              median stall per save {local_stall * 1e3:8.1f} ms, "
           f"run {local_wall:6.2f} s")  # fmt: skip
-    print(f"s3 (background):     median stall per save {remote_stall * 1e3:8.1f} ms, "
+    print(f"s3 (background):         median stall per save {remote_stall * 1e3:8.1f} ms, "
           f"run {remote_wall:6.2f} s (includes waiting for the last upload)")  # fmt: skip
-    print(f"stall ratio s3/local: {remote_stall / local_stall:.2f}")
+    blocking_stall = statistics.median(blocking.stalls)
+    print(f"s3 (async_upload=False): median stall per save {blocking_stall * 1e3:8.1f} ms, "
+          f"run {blocking_wall:6.2f} s")  # fmt: skip
+    print(f"stall ratio s3/local: {remote_stall / local_stall:.2f} "
+          f"(without the background upload: {blocking_stall / local_stall:.2f})")  # fmt: skip
     print(f"background upload:   {background_mb_s:8.1f} MB/s (median of "
           f"{len(remote.checkpoint_store.commits)} uploads, while training)")  # fmt: skip
     print(f"plain fs.put:        {plain_mb_s:8.1f} MB/s (same files, nothing else running)")
