@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from accel_hydra.distributed import shut_down_process_group
 from accel_hydra.launcher import CONFIG_FILE, ConfigError, TrainLauncher
 from accel_hydra.redaction import REDACTED, is_secret_key
 from accel_hydra.sweeps import expand_sweeps
@@ -120,6 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"accel-hydra-train: error: {err}", file=sys.stderr)
         return 2
+    shut_down_process_group()
     return 0
 
 

@@ -6,7 +6,7 @@ import os
 
 import torch
 
-__all__ = ["launched_without_gpus"]
+__all__ = ["launched_without_gpus", "shut_down_process_group"]
 
 
 def launched_without_gpus() -> bool:
@@ -18,3 +18,17 @@ def launched_without_gpus() -> bool:
     and the launcher pass ``cpu=True`` in this case.
     """
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
+def shut_down_process_group() -> None:
+    """Leave the process group cleanly before the process exits.
+
+    A gloo group still alive at interpreter exit can abort the process ("terminate
+    called without an active exception") after all its work is done, turning a good
+    run's exit status into a failure. Entry points call this once, at the very end.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

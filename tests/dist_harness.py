@@ -17,6 +17,7 @@ import torch
 from omegaconf import OmegaConf
 
 from accel_hydra import MetricMonitor, Trainer, TrainLauncher
+from accel_hydra.distributed import shut_down_process_group
 from accel_hydra.storage import CheckpointStore
 from tests.conftest import ToySteps, make_loader, make_model
 
@@ -143,3 +144,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    shut_down_process_group()

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from accel_hydra import MetricMonitor, Trainer
+from accel_hydra.distributed import shut_down_process_group
 from tests.conftest import ToySteps, make_loader, make_model
 
 
@@ -123,3 +124,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+    shut_down_process_group()
