@@ -360,10 +360,10 @@ class LoopBase(ABC):
             self._pending_loss_sum += loss.detach()
             self._pending_loss_count += 1
             accelerator.backward(loss)
-            if accelerator.sync_gradients and not self._update_is_safe():
-                self.optimizer.zero_grad(set_to_none=True)
-                return  # the bad update never reaches the parameters
             if accelerator.sync_gradients:
+                if not self._update_is_safe():
+                    self.optimizer.zero_grad(set_to_none=True)
+                    return  # the bad update never reaches the parameters
                 self._before_optimizer_step()
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
