@@ -42,13 +42,14 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
 
 from accel_hydra.console import EpochProgress, format_summary
+from accel_hydra.direct_updates import direct_updates_are_exact
 from accel_hydra.distributed import launched_without_gpus
 from accel_hydra.preemption import PreemptionGuard, TrainingInterrupted
 from accel_hydra.rng import capture_rng_state, restore_rng_state
@@ -92,6 +93,11 @@ class LoopBase(ABC):
             logging steps, before checkpoints and at epoch end only).
     """
 
+    #: Whether the loop may call torch directly where Accelerate's per-step wrappers
+    #: provably change nothing (see ``accel_hydra.direct_updates``); set ``False`` in a
+    #: subclass to always go through Accelerate.
+    _allow_direct_updates: ClassVar[bool] = True
+
     model: torch.nn.Module
     optimizer: Any
     train_dataloader: Iterable
@@ -132,6 +138,8 @@ class LoopBase(ABC):
         self._throughput_mark = (0.0, 0)
         self._rng_after_restore: dict[str, Any] | None = None
         self._preemption = PreemptionGuard()
+        self._direct_updates = False
+        self._stepped_optimizer: Any = None
 
     # ------------------------------------------------------------------ user API
 
@@ -248,6 +256,13 @@ class LoopBase(ABC):
         if self.val_dataloader is not None:
             self.val_dataloader = prepared[3]
         self._size_epochs()
+        self._direct_updates = self._allow_direct_updates and direct_updates_are_exact(
+            self.accelerator, self.optimizer, self.gradient_accumulation_steps
+        )
+        # The loop steps the wrapped optimizer itself when Accelerate's wrapper adds nothing.
+        self._stepped_optimizer = (
+            self.optimizer.optimizer if self._direct_updates else self.optimizer
+        )
         self._pending_loss_sum = torch.zeros((), device=self.accelerator.device)
         self._after_prepare()
 
@@ -351,24 +366,23 @@ class LoopBase(ABC):
                 return
 
     def _train_batch(self, batch: Any, batch_idx: int) -> None:
-        accelerator = self.accelerator
-        if self._truncated_epoch and batch_idx + 1 == self._epoch_batches_total:
-            # Make accumulate() sync on this batch, as it would at a dataloader's end.
-            accelerator.step = self.gradient_accumulation_steps - 1
-        with accelerator.accumulate(self.model):
-            loss = self.training_step(batch, batch_idx)
-            self._pending_loss_sum += loss.detach()
-            self._pending_loss_count += 1
-            accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                if not self._update_is_safe():
-                    self.optimizer.zero_grad(set_to_none=True)
-                    return  # the bad update never reaches the parameters
-                self._before_optimizer_step()
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+        if self._direct_updates:
+            sync = self._direct_sync(batch_idx)
+            self._forward_backward(batch, batch_idx)
+            applied = sync and self._apply_update()
+        else:
+            accelerator = self.accelerator
+            if self._truncated_epoch and batch_idx + 1 == self._epoch_batches_total:
+                # Make accumulate() sync on this batch, as it would at a dataloader's end.
+                accelerator.step = self.gradient_accumulation_steps - 1
+            with accelerator.accumulate(self.model):
+                self._forward_backward(batch, batch_idx)
+                sync = accelerator.sync_gradients
+                applied = sync and self._apply_update()
+        if sync and not applied:
+            return  # vetoed (NaN guard): the bad update never reached the parameters
         self._batches_in_epoch = batch_idx + 1
-        if accelerator.sync_gradients:
+        if sync:
             self.step += 1
             self._after_optimizer_step()
             logging_step = self._is_logging_step()
@@ -377,6 +391,47 @@ class LoopBase(ABC):
             self._after_update()
             if self._interrupt_requested(sync_point=logging_step):
                 self._stop_for_interrupt()
+
+    def _forward_backward(self, batch: Any, batch_idx: int) -> None:
+        loss = self.training_step(batch, batch_idx)
+        self._pending_loss_sum += loss.detach()
+        self._pending_loss_count += 1
+        if not self._direct_updates:
+            self.accelerator.backward(loss)
+        elif self.gradient_accumulation_steps > 1:
+            (loss / self.gradient_accumulation_steps).backward()
+        else:
+            loss.backward()  # accelerator.backward divides by 1 first: the same gradients
+
+    def _direct_sync(self, batch_idx: int) -> bool:
+        """Decide whether this batch completes an update, as ``accumulate()`` would:
+        every ``gradient_accumulation_steps`` batches and on the epoch's last batch.
+        ``sync_gradients`` and ``accelerator.step`` (saved in checkpoints) are set to
+        the values Accelerate would have given them."""
+        accelerator = self.accelerator
+        if batch_idx + 1 == self._epoch_batches_total:
+            accelerator.step = 0
+            sync = True
+        else:
+            accelerator.step = batch_idx + 1
+            sync = (batch_idx + 1) % self.gradient_accumulation_steps == 0
+        accelerator.gradient_state.sync_gradients = sync
+        return sync
+
+    def _apply_update(self) -> bool:
+        """One optimizer update from the complete gradients; False if it was vetoed."""
+        optimizer = self._stepped_optimizer
+        if not self._update_is_safe():
+            optimizer.zero_grad(set_to_none=True)
+            return False
+        self._before_optimizer_step()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return True
+
+    def _optimizer_step_was_skipped(self) -> bool:
+        """Whether the grad scaler skipped the last update (inf/NaN fp16 gradients)."""
+        return not self._direct_updates and self.accelerator.optimizer_step_was_skipped
 
     def _validate(self) -> dict[str, Any]:
         self.model.eval()

@@ -6,8 +6,6 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from accel_hydra.mixins.monitoring import MetricMonitoringMixin
 
 __all__ = ["EarlyStoppingMixin"]
@@ -50,11 +48,12 @@ class EarlyStoppingMixin(MetricMonitoringMixin):
 
     def _update_is_safe(self) -> bool:
         if self.stop_on_nan and self.nonfinite_loss_step is None:
-            # One flag read per update: the price of never applying a NaN update.
-            bad = (~torch.isfinite(self._pending_loss_sum)).float()
+            # One read per update: the price of never applying a NaN update. Reading the
+            # sum itself costs one op; a NaN or infinity anywhere keeps the sum non-finite.
+            total = self._pending_loss_sum
             if self.accelerator.num_processes > 1:
-                bad = self.accelerator.reduce(bad, reduction="max")
-            if bad.item():
+                total = self.accelerator.reduce(total, reduction="sum")
+            if not math.isfinite(total.item()):
                 self._stop_for_nonfinite_loss(step=self.step + 1, skipped=True)
                 return False
         return super()._update_is_safe()

@@ -41,9 +41,12 @@ class GradClipMixin(LoopBase):
 
     def _before_optimizer_step(self) -> None:
         super()._before_optimizer_step()
+        if self._direct_updates:  # no grad scaler, no shards: what Accelerate would call
+            clip_value, clip_norm = torch.nn.utils.clip_grad_value_, torch.nn.utils.clip_grad_norm_
+        else:
+            clip_value = self.accelerator.clip_grad_value_
+            clip_norm = self.accelerator.clip_grad_norm_
         if self.clip_grad_value is not None:
-            self.accelerator.clip_grad_value_(self.model.parameters(), self.clip_grad_value)
+            clip_value(self.model.parameters(), self.clip_grad_value)
         if self.max_grad_norm is not None:
-            self.last_grad_norm = self.accelerator.clip_grad_norm_(
-                self.model.parameters(), self.max_grad_norm
-            )
+            self.last_grad_norm = clip_norm(self.model.parameters(), self.max_grad_norm)

@@ -100,7 +100,7 @@ class LRSchedulingMixin(MetricMonitoringMixin):
         if (
             self.lr_scheduler is not None
             and self.lr_scheduler_interval == "step"
-            and not self.accelerator.optimizer_step_was_skipped
+            and not self._optimizer_step_was_skipped()
         ):
             self.lr_scheduler.step()
 
