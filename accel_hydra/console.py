@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-
-from tqdm.auto import tqdm
+from typing import Any
 
 __all__ = ["EpochProgress", "format_summary"]
 
@@ -14,15 +13,21 @@ class EpochProgress:
 
     Advancing it costs a counter increment; tqdm redraws at most twice a second, and
     the numbers shown (loss, LR, samples/s) are only set when the loop has read them
-    anyway, so the bar never forces a device sync.
+    anyway, so the bar never forces a device sync. Disabled, it is nothing at all:
+    tqdm is not even imported (``tqdm.auto`` pulls in asyncio, a tenth of a second).
     """
 
     def __init__(self, *, enabled: bool, total: int, initial: int, epoch: int, epochs: int):
+        self.bar: Any = None
+        if not enabled:
+            self.advance = self.show = self.close = _nothing  # type: ignore[method-assign]
+            return
+        from tqdm.auto import tqdm
+
         self.bar = tqdm(
             total=total,
             initial=initial,
             desc=f"epoch {epoch + 1}/{epochs}",
-            disable=not enabled,
             mininterval=0.5,
             dynamic_ncols=True,
             leave=True,
@@ -36,6 +41,10 @@ class EpochProgress:
 
     def close(self) -> None:
         self.bar.close()
+
+
+def _nothing(*args: Any) -> None:
+    pass
 
 
 def format_summary(title: str, lines: Iterable[tuple[str, str]]) -> str:

@@ -161,8 +161,12 @@ class CheckpointStore:
         """
         files = staged_files(staged)
         target = self.path(name)
-        for rel in sorted(files):
-            self.fs.put_file(os.path.join(staged, *rel.split("/")), f"{target}/{rel}")
+        names = sorted(files)
+        # One put() for all files: async stores (s3fs, gcsfs, adlfs) send them at once.
+        self.fs.put(
+            [os.path.join(staged, *rel.split("/")) for rel in names],
+            [f"{target}/{rel}" for rel in names],
+        )
         return files
 
     def write_marker(self, name: str, info: dict[str, Any], files: dict[str, int]) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -33,6 +34,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from accel_hydra import Trainer
 from accel_hydra.storage import CheckpointStore, staged_files
+from accel_hydra.uploader import BackgroundUploader
 
 
 class TimedStore(CheckpointStore):
@@ -118,6 +120,7 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=1024, help="hidden width of the MLP")
     parser.add_argument("--batches", type=int, default=200, help="updates in the run")
     parser.add_argument("--save-every", type=int, default=40, help="updates between saves")
+    parser.add_argument("--idle-repeats", type=int, default=5, help="uploads timed at rest")
     args = parser.parse_args()
 
     server, port = start_moto()
@@ -134,13 +137,26 @@ def main() -> None:
             local, local_wall = run(args, tmp, os.path.join(tmp, "checkpoints"))
             remote, remote_wall = run(args, tmp, f"s3://{bucket}/run", options)
             blocking, blocking_wall = run(args, tmp, f"s3://{bucket}/sync", options, False)
-            # The same files, uploaded by a plain fs.put while nothing else runs.
+            # The same files, with nothing else running: a plain fs.put, and our whole
+            # upload path (stage copy excluded) on the background thread, alternately.
             newest = local.checkpoint_store.latest()
             folder = local.checkpoint_store.path(newest)
             size = sum(staged_files(folder).values())
-            start = time.perf_counter()
-            fs.put(folder + "/", f"{bucket}/plain/{newest}/", recursive=True)
-            plain_seconds = time.perf_counter() - start
+            plain_times, ours_times = [], []
+            store = CheckpointStore(f"s3://{bucket}/idle", options)
+            uploader = BackgroundUploader()
+            for i in range(args.idle_repeats):
+                start = time.perf_counter()
+                fs.put(folder + "/", f"{bucket}/plain/{i}/", recursive=True)
+                plain_times.append(time.perf_counter() - start)
+                stage = shutil.copytree(folder, os.path.join(tmp, f"stage_{i}"))
+                info = {"step": i, "epoch": 0}
+                start = time.perf_counter()
+                uploader.submit(lambda s=stage, n=f"step_{i}", m=info: store.commit(n, s, m), "")
+                uploader.wait()
+                ours_times.append(time.perf_counter() - start)
+            plain_seconds = statistics.median(plain_times)
+            idle_seconds = statistics.median(ours_times)
     finally:
         os.kill(server.pid, signal.SIGTERM)
         server.wait()
@@ -163,10 +179,16 @@ def main() -> None:
           f"run {blocking_wall:6.2f} s")  # fmt: skip
     print(f"stall ratio s3/local: {remote_stall / local_stall:.2f} "
           f"(without the background upload: {blocking_stall / local_stall:.2f})")  # fmt: skip
-    print(f"background upload:   {background_mb_s:8.1f} MB/s (median of "
-          f"{len(remote.checkpoint_store.commits)} uploads, while training)")  # fmt: skip
-    print(f"plain fs.put:        {plain_mb_s:8.1f} MB/s (same files, nothing else running)")
-    print(f"throughput ratio background/plain: {background_mb_s / plain_mb_s:.2f}")
+    idle_mb_s = size / idle_seconds / 1e6
+    print(f"plain fs.put:            {plain_mb_s:8.1f} MB/s (median of {args.idle_repeats}, "
+          "nothing else running)")  # fmt: skip
+    print(f"background upload, idle: {idle_mb_s:8.1f} MB/s (median of {args.idle_repeats}, "
+          "same files, commit marker included)")  # fmt: skip
+    uploads = len(remote.checkpoint_store.commits)
+    print(f"background upload, training: {background_mb_s:4.1f} MB/s (median of {uploads} "
+          "uploads, sharing the CPU with training)")  # fmt: skip
+    print(f"throughput ratio background/plain: {idle_mb_s / plain_mb_s:.2f} idle, "
+          f"{background_mb_s / plain_mb_s:.2f} while training")  # fmt: skip
 
 
 if __name__ == "__main__":

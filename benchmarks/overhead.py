@@ -62,8 +62,8 @@ class Workload:
 
 
 WORKLOADS = {
-    "tiny": Workload((32, 64, 10), 64, 250, 1, 8),
-    "compute": Workload((512, 2048, 2048, 10), 256, 10, 1, 3),
+    "tiny": Workload((32, 64, 10), 64, 500, 1, 5),
+    "compute": Workload((512, 2048, 2048, 10), 256, 10, 1, 5),
 }
 LOG_EVERY = 50
 MAX_GRAD_NORM = 1.0
@@ -75,24 +75,26 @@ MAX_GRAD_NORM = 1.0
 class StepClock:
     """Times (or counts the Python calls of) the timed epochs of one run.
 
-    It records wall time and the process's CPU time (all threads): on a shared
-    machine the CPU time moves less when the process is descheduled.
+    Each timed epoch is timed on its own and the run reports the median epoch: a slow
+    spell on a shared machine then spoils one epoch, not the run. Epoch-end work (the
+    trainer's loss read, validation, the checkpoint that ends each ``tiny`` epoch) is
+    part of the epoch it ends.
     """
 
     def __init__(self, workload: Workload, count_calls: bool) -> None:
         self.workload = workload
         self.count_calls = count_calls
         self.calls = 0
-        self.start = self.end = (0.0, 0.0)
+        self.marks: list[float] = []
 
     def epoch_started(self, epoch: int) -> None:
-        if epoch == self.workload.warmup_epochs:
-            if self.count_calls:
-                sys.setprofile(self._count)
-            self.start = (time.perf_counter(), time.process_time())
+        if epoch == self.workload.warmup_epochs and self.count_calls:
+            sys.setprofile(self._count)
+        if epoch >= self.workload.warmup_epochs:
+            self.marks.append(time.perf_counter())
 
     def finished(self) -> None:
-        self.end = (time.perf_counter(), time.process_time())
+        self.marks.append(time.perf_counter())
         sys.setprofile(None)
 
     def _count(self, frame, event, arg) -> None:
@@ -100,14 +102,14 @@ class StepClock:
             self.calls += 1
 
     def result(self) -> dict:
-        steps = self.workload.batches_per_epoch * self.workload.timed_epochs
-        result = {
-            "us_per_step": (self.end[0] - self.start[0]) / steps * 1e6,
-            "cpu_us_per_step": (self.end[1] - self.start[1]) / steps * 1e6,
-            "steps": steps,
-        }
+        per_epoch = self.workload.batches_per_epoch
+        bounds = zip(self.marks, self.marks[1:], strict=False)
+        epochs = [(end - start) / per_epoch * 1e6 for start, end in bounds]
+        if len(epochs) != self.workload.timed_epochs:
+            raise RuntimeError(f"timed {len(epochs)} epochs, expected {self.workload.timed_epochs}")
+        result = {"us_per_step": statistics.median(epochs), "epochs_us_per_step": epochs}
         if self.count_calls:
-            result["calls_per_step"] = self.calls / steps
+            result["calls_per_step"] = self.calls / (per_epoch * self.workload.timed_epochs)
         return result
 
 
@@ -324,6 +326,58 @@ def run_ignite(workload: Workload, clock: StepClock) -> None:
     engine.run(loader, max_epochs=workload.warmup_epochs + workload.timed_epochs)
 
 
+def run_upstream(workload: Workload, clock: StepClock) -> None:
+    """The upstream AccelHydra (PyPI ``accel-hydra``), imported from ``--upstream DIR``."""
+    from dataclasses import dataclass as trainer_dataclass
+
+    from torch import nn
+
+    import accel_hydra
+    from accel_hydra import Trainer
+
+    if not hasattr(accel_hydra, "train_launcher"):
+        raise RuntimeError(f"{accel_hydra.__file__} is not the upstream AccelHydra")
+
+    @trainer_dataclass(kw_only=True)
+    class UpstreamTrainer(Trainer):
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return self.loss_fn(self.model(x), y)
+
+        def validation_step(self, batch, batch_idx):
+            pass
+
+        def on_train_epoch_start(self):
+            clock.epoch_started(self.epoch)
+            super().on_train_epoch_start()
+
+        def on_train_end(self):
+            clock.finished()
+            super().on_train_end()
+
+    model, optimizer, scheduler, loader, _ = build(workload)
+    with tempfile.TemporaryDirectory() as project_dir:
+        trainer = UpstreamTrainer(
+            project_dir=project_dir,
+            train_dataloader=loader,
+            val_dataloader=None,
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            loss_fn=nn.CrossEntropyLoss(),
+            epochs=workload.warmup_epochs + workload.timed_epochs,
+            max_grad_norm=MAX_GRAD_NORM,
+            log_every_n_steps=LOG_EVERY,
+            save_every_n_epochs=None,
+        )
+        with (
+            open(os.devnull, "w") as sink,
+            contextlib.redirect_stdout(sink),
+            contextlib.redirect_stderr(sink),
+        ):
+            trainer.train(seed=0)
+
+
 def worker(variant: str, workload_name: str, count_calls: bool) -> dict:
     import torch
 
@@ -340,6 +394,8 @@ def worker(variant: str, workload_name: str, count_calls: bool) -> dict:
         run_lightning(workload, clock)
     elif variant == "ignite":
         run_ignite(workload, clock)
+    elif variant == "upstream":
+        run_upstream(workload, clock)
     else:
         raise ValueError(f"unknown variant {variant!r}")
     return clock.result()
@@ -348,24 +404,32 @@ def worker(variant: str, workload_name: str, count_calls: bool) -> dict:
 # --------------------------------------------------------------------------- parent
 
 
-def measure(variant: str, workload: str, count_calls: bool = False) -> dict:
+def measure(variant: str, workload: str, count_calls: bool = False, upstream: str = "") -> dict:
     command = [sys.executable, __file__, "--worker", variant, "--workload", workload]
     if count_calls:
         command.append("--count-calls")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    if variant == "upstream":  # same import name as ours: put it first on the path
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [upstream, env.get("PYTHONPATH")]))
     done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     if done.returncode:
         raise RuntimeError(f"{variant}/{workload} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def available_variants(requested: list[str] | None) -> list[str]:
+def available_variants(requested: list[str] | None, upstream: str | None) -> list[str]:
     variants = list(CORE_VARIANTS)
     for name, module in OPTIONAL_VARIANTS.items():
         if importlib.util.find_spec(module) is not None:
             variants.append(name)
         else:
             print(f"note: {name} is not installed; skipped (pip install -e '.[bench]')")
+    if upstream:
+        if not os.path.isdir(os.path.join(upstream, "accel_hydra")):
+            raise SystemExit(f"--upstream {upstream}: no accel_hydra package in that directory")
+        variants.append("upstream")
+    else:
+        print("note: upstream AccelHydra skipped (see --upstream)")
     if requested:
         variants = [v for v in variants if v in requested]
     return variants
@@ -386,25 +450,36 @@ def versions() -> dict:
     return found
 
 
+def paired_ratio(per_variant: dict, variant: str, base: str) -> float:
+    """Median over repeats of ``variant``'s time over ``base``'s in the same repeat.
+
+    Runs of one repeat follow each other within seconds, so a slow spell on a shared
+    machine hits both sides of a ratio; pairing them cancels most of that drift.
+    """
+    pairs = zip(per_variant[variant]["us"], per_variant[base]["us"], strict=True)
+    return statistics.median(ours / theirs for ours, theirs in pairs)
+
+
 def table(results: dict, variants: list[str]) -> str:
     lines = []
     for workload, per_variant in results.items():
-        base = statistics.median(per_variant["pytorch"]["us"])
-        acc = statistics.median(per_variant["accelerate"]["us"])
-        lines.append(f"{workload} ({'-'.join(map(str, WORKLOADS[workload].widths))})")
+        lines.append(
+            f"{workload} (MLP {'-'.join(map(str, WORKLOADS[workload].widths))}, "
+            f"batch {WORKLOADS[workload].batch_size})"
+        )
         lines.append(
             f"  {'variant':<12} {'us/step':>9} {'min..max':>15} {'vs pytorch':>10} "
             f"{'vs accelerate':>13} {'calls/step':>10}"
         )
         for variant in variants:
             row = per_variant[variant]
-            med = statistics.median(row["us"])
             spread = f"{min(row['us']):.0f}..{max(row['us']):.0f}"
             calls = row.get("calls_per_step")
             calls_text = f"{calls:.0f}" if calls is not None else "-"
             lines.append(
-                f"  {variant:<12} {med:>9.1f} {spread:>15} {med / base:>9.3f}x "
-                f"{med / acc:>12.3f}x {calls_text:>10}"
+                f"  {variant:<12} {statistics.median(row['us']):>9.1f} {spread:>15} "
+                f"{paired_ratio(per_variant, variant, 'pytorch'):>9.3f}x "
+                f"{paired_ratio(per_variant, variant, 'accelerate'):>12.3f}x {calls_text:>10}"
             )
     return "\n".join(lines)
 
@@ -419,13 +494,21 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7, help="runs per variant (>= 5)")
     parser.add_argument("--no-calls", action="store_true", help="skip the call counts")
     parser.add_argument("--json", metavar="PATH", help="also write the raw results here")
+    parser.add_argument(
+        "--upstream",
+        metavar="DIR",
+        help="also time upstream AccelHydra, installed with "
+        "`pip install --no-deps --target DIR accel-hydra==0.0.6.post1` "
+        "(it has our import name, so it cannot share an environment)",
+    )
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker, args.workload, args.count_calls)))
         return
     if args.repeats < 5:
         parser.error("--repeats must be >= 5: a median of fewer runs is noise here")
-    variants = available_variants(args.variants.split(",") if args.variants else None)
+    requested = args.variants.split(",") if args.variants else None
+    variants = available_variants(requested, args.upstream)
     for needed in ("pytorch", "accelerate"):
         if needed not in variants:
             variants.insert(0, needed)
@@ -435,18 +518,20 @@ def main() -> None:
         for repeat in range(args.repeats):
             shift = repeat % len(variants)
             for variant in variants[shift:] + variants[:shift]:
-                us = measure(variant, workload)["us_per_step"]
+                us = measure(variant, workload, upstream=args.upstream)["us_per_step"]
                 per_variant[variant]["us"].append(us)
                 print(f"{workload} repeat {repeat + 1}/{args.repeats} {variant:<12} {us:9.1f} us")
         if not args.no_calls:
             for variant in variants:
-                per_variant[variant]["calls_per_step"] = measure(variant, workload, True)[
-                    "calls_per_step"
-                ]
+                counted = measure(variant, workload, count_calls=True, upstream=args.upstream)
+                per_variant[variant]["calls_per_step"] = counted["calls_per_step"]
         results[workload] = per_variant
     print()
     print(f"{time.strftime('%Y-%m-%d')}  " + "  ".join(f"{k} {v}" for k, v in versions().items()))
-    print(f"median of {args.repeats} fresh processes per variant, torch.set_num_threads(1)")
+    print(
+        f"us/step: median of {args.repeats} fresh processes per variant; ratios: median of "
+        "the per-repeat ratios; torch.set_num_threads(1)"
+    )
     print(table(results, variants))
     if args.json:
         with open(args.json, "w") as out:
