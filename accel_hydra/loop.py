@@ -139,6 +139,7 @@ class LoopBase(ABC):
         self._rng_after_restore: dict[str, Any] | None = None
         self._preemption = PreemptionGuard()
         self._direct_updates = False
+        self._single_process = True
         self._stepped_optimizer: Any = None
 
     # ------------------------------------------------------------------ user API
@@ -255,6 +256,7 @@ class LoopBase(ABC):
         self.model, self.optimizer, self.train_dataloader = prepared[:3]
         if self.val_dataloader is not None:
             self.val_dataloader = prepared[3]
+        self._single_process = self.accelerator.num_processes == 1
         self._size_epochs()
         self._direct_updates = self._allow_direct_updates and direct_updates_are_exact(
             self.accelerator, self.optimizer, self.gradient_accumulation_steps
@@ -492,7 +494,7 @@ class LoopBase(ABC):
         at sync points (logging steps, epoch ends), where they meet anyway, so the
         check adds no sync to other updates.
         """
-        if self.accelerator.num_processes == 1:
+        if self._single_process:
             return self._preemption.requested
         if not sync_point:
             return False
