@@ -46,6 +46,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 CORE_VARIANTS = ("pytorch", "accelerate", "trainer", "trainer_all")
@@ -81,9 +82,10 @@ class StepClock:
     part of the epoch it ends.
     """
 
-    def __init__(self, workload: Workload, count_calls: bool) -> None:
+    def __init__(self, workload: Workload, count_calls: bool, by_function: bool = False) -> None:
         self.workload = workload
-        self.count_calls = count_calls
+        self.count_calls = count_calls or by_function
+        self.by_function: Counter | None = Counter() if by_function else None
         self.calls = 0
         self.marks: list[float] = []
 
@@ -100,6 +102,8 @@ class StepClock:
     def _count(self, frame, event, arg) -> None:
         if event == "call" or event == "c_call":
             self.calls += 1
+            if self.by_function is not None:
+                self.by_function[_where(frame, event, arg)] += 1
 
     def result(self) -> dict:
         per_epoch = self.workload.batches_per_epoch
@@ -108,9 +112,24 @@ class StepClock:
         if len(epochs) != self.workload.timed_epochs:
             raise RuntimeError(f"timed {len(epochs)} epochs, expected {self.workload.timed_epochs}")
         result = {"us_per_step": statistics.median(epochs), "epochs_us_per_step": epochs}
+        steps = per_epoch * self.workload.timed_epochs
         if self.count_calls:
-            result["calls_per_step"] = self.calls / (per_epoch * self.workload.timed_epochs)
+            result["calls_per_step"] = self.calls / steps
+        if self.by_function is not None:
+            result["by_function"] = {k: n / steps for k, n in self.by_function.most_common()}
         return result
+
+
+def _where(frame, event: str, arg) -> str:
+    """``package/file.py:function`` of a Python call, ``C:name`` of a builtin."""
+    if event == "c_call":
+        return f"C:{getattr(arg, '__qualname__', arg)}"
+    path = frame.f_code.co_filename
+    for marker in ("site-packages" + os.sep, os.sep + "lib" + os.sep):
+        if marker in path:
+            path = path.split(marker, 1)[1]
+            break
+    return f"{path}:{frame.f_code.co_name}"
 
 
 def build(workload: Workload):
@@ -378,12 +397,12 @@ def run_upstream(workload: Workload, clock: StepClock) -> None:
             trainer.train(seed=0)
 
 
-def worker(variant: str, workload_name: str, count_calls: bool) -> dict:
+def worker(variant: str, workload_name: str, count_calls: bool, by_function: bool = False) -> dict:
     import torch
 
     torch.set_num_threads(1)
     workload = WORKLOADS[workload_name]
-    clock = StepClock(workload, count_calls)
+    clock = StepClock(workload, count_calls, by_function)
     if variant == "pytorch":
         run_pytorch(workload, clock)
     elif variant == "accelerate":
@@ -404,10 +423,14 @@ def worker(variant: str, workload_name: str, count_calls: bool) -> dict:
 # --------------------------------------------------------------------------- parent
 
 
-def measure(variant: str, workload: str, count_calls: bool = False, upstream: str = "") -> dict:
+def measure(
+    variant: str, workload: str, count_calls: bool = False, upstream: str = "", by_function=False
+) -> dict:
     command = [sys.executable, __file__, "--worker", variant, "--workload", workload]
     if count_calls:
         command.append("--count-calls")
+    if by_function:
+        command += ["--breakdown", "-"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
     if variant == "upstream":  # same import name as ours: put it first on the path
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [upstream, env.get("PYTHONPATH")]))
@@ -415,6 +438,17 @@ def measure(variant: str, workload: str, count_calls: bool = False, upstream: st
     if done.returncode:
         raise RuntimeError(f"{variant}/{workload} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def print_breakdown(variant: str, workload: str, upstream: str | None, top: int = 40) -> None:
+    """Where a variant's extra Python calls per step go, against the PyTorch loop."""
+    ours = measure(variant, workload, upstream=upstream or "", by_function=True)["by_function"]
+    base = measure("pytorch", workload, by_function=True)["by_function"]
+    print(f"{workload}: {sum(ours.values()):.0f} calls/step for {variant}, "
+          f"{sum(base.values()):.0f} for pytorch; the largest differences:")  # fmt: skip
+    diff = {k: ours.get(k, 0.0) - base.get(k, 0.0) for k in set(ours) | set(base)}
+    for where, extra in sorted(diff.items(), key=lambda kv: -abs(kv[1]))[:top]:
+        print(f"  {extra:+8.1f}  {where}")
 
 
 def available_variants(requested: list[str] | None, upstream: str | None) -> list[str]:
@@ -489,6 +523,12 @@ def main() -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--workload", help=argparse.SUPPRESS)
     parser.add_argument("--count-calls", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--breakdown",
+        metavar="VARIANT",
+        help="instead of timing: print the Python calls per step of VARIANT by function, "
+        "next to the hand-written PyTorch loop's (with --workload, default tiny)",
+    )
     parser.add_argument("--workloads", default="tiny,compute", help="comma-separated")
     parser.add_argument("--variants", default=None, help="comma-separated subset")
     parser.add_argument("--repeats", type=int, default=7, help="runs per variant (>= 5)")
@@ -503,7 +543,11 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.workload, args.count_calls)))
+        result = worker(args.worker, args.workload, args.count_calls, args.breakdown == "-")
+        print(json.dumps(result))
+        return
+    if args.breakdown:
+        print_breakdown(args.breakdown, args.workload or "tiny", args.upstream)
         return
     if args.repeats < 5:
         parser.error("--repeats must be >= 5: a median of fewer runs is noise here")

@@ -51,7 +51,7 @@ class EarlyStoppingMixin(MetricMonitoringMixin):
             # One read per update: the price of never applying a NaN update. Reading the
             # sum itself costs one op; a NaN or infinity anywhere keeps the sum non-finite.
             total = self._pending_loss_sum
-            if self.accelerator.num_processes > 1:
+            if not self._single_process:
                 total = self.accelerator.reduce(total, reduction="sum")
             if not math.isfinite(total.item()):
                 self._stop_for_nonfinite_loss(step=self.step + 1, skipped=True)
