@@ -132,6 +132,17 @@ def _where(frame, event: str, arg) -> str:
     return f"{path}:{frame.f_code.co_name}"
 
 
+@contextlib.contextmanager
+def quietly():
+    """Send a trainer's summaries and progress bar to /dev/null (still drawn, not shown)."""
+    with (
+        open(os.devnull, "w") as sink,
+        contextlib.redirect_stdout(sink),
+        contextlib.redirect_stderr(sink),
+    ):
+        yield
+
+
 def build(workload: Workload):
     import torch
     from torch import nn
@@ -262,11 +273,7 @@ def run_trainer(workload: Workload, clock: StepClock, every_mixin: bool) -> None
             )
         else:
             trainer = BenchTrainer(**common, report_to=None, stop_on_nan=False, progress_bar=False)
-        with (
-            open(os.devnull, "w") as sink,
-            contextlib.redirect_stdout(sink),
-            contextlib.redirect_stderr(sink),
-        ):
+        with quietly():
             trainer.train(seed=0)
 
 
@@ -389,11 +396,7 @@ def run_upstream(workload: Workload, clock: StepClock) -> None:
             log_every_n_steps=LOG_EVERY,
             save_every_n_epochs=None,
         )
-        with (
-            open(os.devnull, "w") as sink,
-            contextlib.redirect_stdout(sink),
-            contextlib.redirect_stderr(sink),
-        ):
+        with quietly():
             trainer.train(seed=0)
 
 
