@@ -7,10 +7,12 @@ Each process writes what it saw to ``<out>/<scenario>_rank<r>.json``; the tests 
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import functools
 import json
 import os
 import signal
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -143,5 +145,14 @@ def main():
 
 
 if __name__ == "__main__":
+    # CI twice saw a finished 2-process run (its "done" summary printed) never exit
+    # under torch 2.6. A hang now ends the process with every thread's stack on stderr,
+    # which the test prints, instead of a silent timeout.
+    faulthandler.dump_traceback_later(90, exit=True)
     main()
     shut_down_process_group()
+    # Skip interpreter finalization, where gloo's threads can hang or abort a process
+    # whose work is done and written.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
