@@ -193,7 +193,9 @@ def load_object_state(path: str, owner: str) -> Any:
     try:
         return _safe_torch_load(path, mmap=False)
     except UnsafeCheckpointError as err:
-        refused = err.refused or "an unknown type"
+        if err.refused is None:
+            raise UnsafeCheckpointError(f"the state of {owner}: {err}", path) from err
+        refused = err.refused
         raise UnsafeCheckpointError(
             f"the state of {owner} in {path} holds {refused}, which the safe loader "
             "(torch.load(weights_only=True)) refuses; if you trust that type, call "
@@ -224,14 +226,18 @@ def check_code_free(path: str) -> None:
         UnsafeCheckpointError: it is not a torch zip archive, or its pickle names a type
             outside the safe list.
     """
-    if not zipfile.is_zipfile(path):
-        raise UnsafeCheckpointError(
-            f"{path} is not a torch archive: refusing to unpickle it", path, None
-        )
     _safe_torch_load(path, mmap=True)
 
 
 def _safe_torch_load(path: str, mmap: bool) -> Any:
+    # torch.save writes zip archives; a bare pickle stream is only ever a forgery here,
+    # and torch's legacy reader for it is the least reviewed path: never reach it.
+    if not zipfile.is_zipfile(path):
+        raise UnsafeCheckpointError(
+            f"{os.path.basename(path)} is not a torch archive: refusing to unpickle it",
+            path,
+            None,
+        )
     try:
         with _accelerate_safe_globals():
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
@@ -240,7 +246,8 @@ def _safe_torch_load(path: str, mmap: bool) -> Any:
         refused = match.group(1) if match else None
         what = f"type {refused}" if refused else "something the safe loader refuses"
         raise UnsafeCheckpointError(
-            f"{path} needs {what} to load; refusing to run code from a checkpoint",
+            f"{os.path.basename(path)} needs {what} to load; refusing to run code from a "
+            "checkpoint",
             path,
             refused,
         ) from None

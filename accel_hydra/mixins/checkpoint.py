@@ -30,8 +30,6 @@ __all__ = ["CheckpointMixin", "TRAINER_STATE_FILE", "object_state_file"]
 TRAINER_STATE_FILE = "accel_hydra_trainer_state.json"
 # Checkpoints of accel_hydra 0.1 before the JSON state; still read, never unpickled freely.
 _LEGACY_TRAINER_STATE_FILE = "accel_hydra_trainer_state.pt"
-# Where Accelerate's register_for_checkpointing put checkpoint_objects in those.
-_LEGACY_OBJECT_STATE_FILE = "custom_checkpoint_{}.pkl"
 
 
 def object_state_file(index: int) -> str:
@@ -395,7 +393,7 @@ class CheckpointMixin(MetricMonitoringMixin):
                 check_code_free(path)
             except UnsafeCheckpointError as err:
                 raise CheckpointCorruptError(
-                    f"checkpoint {label} is refused: {os.path.relpath(path, local_dir)} {err}",
+                    f"checkpoint {label} is refused: {err}",
                     damaged=True,
                 ) from err
 
@@ -403,8 +401,6 @@ class CheckpointMixin(MetricMonitoringMixin):
         for index, obj in enumerate(self.checkpoint_objects):
             owner = f"checkpoint_objects[{index}] ({type(obj).__name__})"
             path = os.path.join(local_dir, object_state_file(index))
-            if not os.path.exists(path):
-                path = os.path.join(local_dir, _LEGACY_OBJECT_STATE_FILE.format(index))
             if not os.path.exists(path):
                 raise CheckpointCorruptError(
                     f"checkpoint {label} holds no state for {owner}: it was saved with fewer "
