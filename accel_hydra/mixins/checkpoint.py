@@ -42,9 +42,11 @@ class CheckpointMixin(MetricMonitoringMixin):
     """Save checkpoints during training and resume from one.
 
     A checkpoint ``<checkpoint_dir>/<name>/`` holds Accelerate's state (model,
-    optimizer, gradient scaler, per-process RNG, sampler, ``checkpoint_objects``) and
-    the trainer's own (epoch, update step, position inside the epoch, monitored metric,
-    LR scheduler). It counts only once its commit marker, written last, is stored.
+    optimizer, gradient scaler, per-process RNG, sampler), the states of
+    ``checkpoint_objects`` and the trainer's own as JSON (epoch, update step, position
+    inside the epoch, monitored metric, LR scheduler). It counts only once its commit
+    marker, written last, is stored. Loading it never runs code from it (see
+    :mod:`accel_hydra.safe_state`).
 
     Args:
         checkpoint_dir: a path or fsspec URL; default ``{project_dir}/checkpoints``.
