@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from accel_hydra.distributed import shut_down_process_group
 from accel_hydra.launcher import CONFIG_FILE, ConfigError, TrainLauncher
-from accel_hydra.redaction import REDACTED, is_secret_key
+from accel_hydra.redaction import REDACTED, is_secret_key, redact
 from accel_hydra.sweeps import expand_sweeps
 
 __all__ = ["main"]
@@ -119,7 +119,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             cls(config, overrides).run()
     except ConfigError as err:
-        print(f"accel-hydra-train: error: {err}", file=sys.stderr)
+        # The error may quote an override or a URL verbatim: hide any credential in it.
+        print(f"accel-hydra-train: error: {redact(str(err))}", file=sys.stderr)
         return 2
     shut_down_process_group()
     return 0

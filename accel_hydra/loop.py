@@ -27,6 +27,7 @@ first, then add your work, so any subset of mixins composes in any order):
 ``_after_checkpoint(name)``      a checkpoint was saved: sync what goes with it (logs)
 ``_state_to_save()``             the trainer's own state, merged into each checkpoint
 ``_load_state(state)``           the inverse, on resume
+``_check_resumable(state, ...)`` before a checkpoint loads: refuse one of another setup
 ``_after_train()``               training ended (normally or not): flush, close
 ``_summary_lines()``             ``(label, value)`` rows of the start summary
 ``_end_summary_lines()``         rows of the end summary
@@ -607,7 +608,34 @@ class LoopBase(ABC):
             "batches_in_epoch": self._batches_in_epoch,
             "val_metrics": dict(self.val_metrics),
             "sampler_seed": None if sampler is None else sampler.initial_seed,
+            "optimizer_layout": self._optimizer_layout(),
         }
+
+    def _optimizer_layout(self) -> dict[str, Any]:
+        """The optimizer's class and tensors per param group: what its state must fit."""
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
+        return {
+            "class": type(optimizer).__name__,
+            "param_groups": [len(group["params"]) for group in optimizer.param_groups],
+        }
+
+    def _check_resumable(self, state: dict[str, Any], label: str) -> None:
+        """Raise ``ValueError`` when a checkpoint's state cannot fit this run.
+
+        Called before anything is loaded, so a changed setup fails in one line that
+        names both sides instead of deep inside ``load_state_dict``.
+        """
+        saved = state.get("optimizer_layout")
+        if not isinstance(saved, dict):
+            return  # saved before layouts were recorded
+        current = self._optimizer_layout()
+        if saved != current:
+            raise ValueError(
+                f"checkpoint {label} was saved with {_describe_layout(saved)}; this run "
+                f"has {_describe_layout(current)}. Resume with the original optimizer, "
+                "start fresh (resume_from_checkpoint=null), or load only the model "
+                "weights (docs/checkpoints.rst, 'Changing the setup')"
+            )
 
     def _shuffling_sampler(self) -> Any:
         """The train loader's seedable shuffling sampler, or None if it does not shuffle.
@@ -658,6 +686,13 @@ class LoopBase(ABC):
         for name, value in sorted(self.val_metrics.items()):
             lines.append((f"last val {name}", f"{value:.4g}"))
         return lines
+
+
+def _describe_layout(layout: dict[str, Any]) -> str:
+    groups = layout.get("param_groups")
+    sizes = ", ".join(str(n) for n in groups) if isinstance(groups, list) else "?"
+    count = len(groups) if isinstance(groups, list) else "?"
+    return f"optimizer {layout.get('class')} ({count} param group(s) of {sizes} tensors)"
 
 
 def _to_float(value: Any) -> float:

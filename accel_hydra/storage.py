@@ -29,6 +29,7 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from accel_hydra.redaction import redact
 from accel_hydra.retention import checkpoint_order
 
 __all__ = [
@@ -94,8 +95,12 @@ class CheckpointStore:
         return f"{self.root}/{name}"
 
     def display(self, name: str | None = None) -> str:
-        """Human-readable location of the store or of one checkpoint in it."""
-        base = self.url.rstrip("/")
+        """Human-readable location of the store or of one checkpoint in it.
+
+        Credentials inside the URL (``user:password@``) are hidden: this is what every
+        message, summary and saved record shows.
+        """
+        base = redact(self.url.rstrip("/"))
         return base if name is None else f"{base}/{name}"
 
     # -- writing ---------------------------------------------------------------------

@@ -7,19 +7,34 @@ import shutil
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import torch
 from accelerate.utils import broadcast_object_list, gather_object
 
 from accel_hydra.mixins.monitoring import MetricMonitoringMixin
 from accel_hydra.redaction import redact
 from accel_hydra.retention import checkpoint_order, checkpoints_to_prune
+from accel_hydra.safe_state import (
+    UnsafeCheckpointError,
+    check_code_free,
+    load_object_state,
+    load_trainer_state,
+    pickle_capable_files,
+    save_object_state,
+    save_trainer_state,
+)
 from accel_hydra.storage import CheckpointCorruptError, CheckpointStore
 from accel_hydra.uploader import BackgroundUploader, CheckpointUploadError
 
-__all__ = ["CheckpointMixin", "TRAINER_STATE_FILE"]
+__all__ = ["CheckpointMixin", "TRAINER_STATE_FILE", "object_state_file"]
 
-#: The trainer's own state inside a checkpoint (progress, monitor, scheduler...).
-TRAINER_STATE_FILE = "accel_hydra_trainer_state.pt"
+#: The trainer's own state inside a checkpoint (progress, monitor, scheduler...), as JSON.
+TRAINER_STATE_FILE = "accel_hydra_trainer_state.json"
+# Checkpoints of accel_hydra 0.1 before the JSON state; still read, never unpickled freely.
+_LEGACY_TRAINER_STATE_FILE = "accel_hydra_trainer_state.pt"
+
+
+def object_state_file(index: int) -> str:
+    """The file holding the state of ``checkpoint_objects[index]`` in a checkpoint."""
+    return f"accel_hydra_object_{index}.pt"
 
 
 @dataclass(kw_only=True, eq=False)
@@ -27,9 +42,11 @@ class CheckpointMixin(MetricMonitoringMixin):
     """Save checkpoints during training and resume from one.
 
     A checkpoint ``<checkpoint_dir>/<name>/`` holds Accelerate's state (model,
-    optimizer, gradient scaler, per-process RNG, sampler, ``checkpoint_objects``) and
-    the trainer's own (epoch, update step, position inside the epoch, monitored metric,
-    LR scheduler). It counts only once its commit marker, written last, is stored.
+    optimizer, gradient scaler, per-process RNG, sampler), the states of
+    ``checkpoint_objects`` and the trainer's own as JSON (epoch, update step, position
+    inside the epoch, monitored metric, LR scheduler). It counts only once its commit
+    marker, written last, is stored. Loading it never runs code from it (see
+    :mod:`accel_hydra.safe_state`).
 
     Args:
         checkpoint_dir: a path or fsspec URL; default ``{project_dir}/checkpoints``.
@@ -120,7 +137,9 @@ class CheckpointMixin(MetricMonitoringMixin):
         accelerator.wait_for_everyone()
         accelerator.save_state(staged)
         if accelerator.is_main_process:
-            torch.save(self._state_to_save(), os.path.join(staged, TRAINER_STATE_FILE))
+            for index, obj in enumerate(self.checkpoint_objects):
+                save_object_state(obj.state_dict(), os.path.join(staged, object_state_file(index)))
+            save_trainer_state(self._state_to_save(), os.path.join(staged, TRAINER_STATE_FILE))
         accelerator.wait_for_everyone()
         step, epoch, batches = self._progress()
         info = {"step": step, "epoch": epoch, "batches_in_epoch": batches}
@@ -239,8 +258,15 @@ class CheckpointMixin(MetricMonitoringMixin):
 
     def _after_prepare(self) -> None:
         super()._after_prepare()
-        for obj in self.checkpoint_objects:
-            self.accelerator.register_for_checkpointing(obj)
+        for index, obj in enumerate(self.checkpoint_objects):
+            if not (
+                callable(getattr(obj, "state_dict", None))
+                and callable(getattr(obj, "load_state_dict", None))
+            ):
+                raise TypeError(
+                    f"checkpoint_objects[{index}] ({type(obj).__name__}) has no "
+                    "state_dict()/load_state_dict(); only such objects can be checkpointed"
+                )
         if self.accelerator.is_main_process:
             self.checkpoint_store.recover()
         self.accelerator.wait_for_everyone()
@@ -329,28 +355,72 @@ class CheckpointMixin(MetricMonitoringMixin):
                 a schedule sized for another number of updates).
         """
         label = label or local_dir
+        state = self._read_trainer_state(local_dir, label)
+        # A checkpoint of another setup fails here in one line, before any state changes.
+        self._check_resumable(state, label)
+        self._refuse_code(local_dir, label)
+        try:
+            self.accelerator.load_state(local_dir)
+        except Exception as err:
+            raise CheckpointCorruptError(
+                f"checkpoint {label} could not be loaded: {type(err).__name__}: {err}"
+            ) from err
+        self._load_checkpoint_objects(local_dir, label)
+        self._load_state(state)
+
+    def _read_trainer_state(self, local_dir: str, label: str) -> dict[str, Any]:
+        """The checkpoint's trainer state (JSON; a legacy ``.pt`` one safely)."""
         state_file = os.path.join(local_dir, TRAINER_STATE_FILE)
+        if not os.path.exists(state_file):
+            state_file = os.path.join(local_dir, _LEGACY_TRAINER_STATE_FILE)
         if not os.path.exists(state_file):
             raise FileNotFoundError(
                 f"{label} is not an accel_hydra checkpoint: {TRAINER_STATE_FILE} is missing"
             )
         try:
-            self.accelerator.load_state(local_dir)
-            state = torch.load(state_file, map_location="cpu", weights_only=False)
-        except Exception as err:
+            return load_trainer_state(state_file)
+        except (ValueError, UnsafeCheckpointError) as err:
             raise CheckpointCorruptError(
-                f"checkpoint {label} could not be loaded: {type(err).__name__}: {err}"
+                f"checkpoint {label} is damaged: {err}", damaged=True
             ) from err
-        self._load_state(state)
+
+    def _refuse_code(self, local_dir: str, label: str) -> None:
+        """Check every pickle-capable file loads without running code, before any loads."""
+        own = {_LEGACY_TRAINER_STATE_FILE}
+        own.update(object_state_file(i) for i in range(len(self.checkpoint_objects)))
+        for path in pickle_capable_files(local_dir):
+            if os.path.basename(path) in own:
+                continue  # read by the safe loader itself, with a better message
+            try:
+                check_code_free(path)
+            except UnsafeCheckpointError as err:
+                raise CheckpointCorruptError(
+                    f"checkpoint {label} is refused: {err}",
+                    damaged=True,
+                ) from err
+
+    def _load_checkpoint_objects(self, local_dir: str, label: str) -> None:
+        for index, obj in enumerate(self.checkpoint_objects):
+            owner = f"checkpoint_objects[{index}] ({type(obj).__name__})"
+            path = os.path.join(local_dir, object_state_file(index))
+            if not os.path.exists(path):
+                raise CheckpointCorruptError(
+                    f"checkpoint {label} holds no state for {owner}: it was saved with fewer "
+                    "checkpoint_objects; resume with the same ones, or start fresh"
+                )
+            obj.load_state_dict(load_object_state(path, owner))
 
     def _state_to_save(self) -> dict[str, Any]:
         state = super()._state_to_save()
-        state["best_checkpoint"] = self.best_checkpoint
+        # A name inside checkpoint_dir, never a path or URL: a moved run stays right,
+        # and no credential in the URL is written into the checkpoint.
+        state["best_checkpoint_name"] = "best" if self.best_checkpoint else None
         return state
 
     def _load_state(self, state: dict[str, Any]) -> None:
         super()._load_state(state)
-        self.best_checkpoint = state.get("best_checkpoint")
+        had_best = state.get("best_checkpoint_name") or state.get("best_checkpoint")
+        self.best_checkpoint = self.checkpoint_store.display("best") if had_best else None
 
     def _summary_lines(self) -> list[tuple[str, str]]:
         lines = super()._summary_lines()

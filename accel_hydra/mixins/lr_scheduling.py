@@ -118,8 +118,29 @@ class LRSchedulingMixin(MetricMonitoringMixin):
         state = super()._state_to_save()
         if self.lr_scheduler is not None:
             state["lr_scheduler"] = self.lr_scheduler.state_dict()
+            state["lr_scheduler_class"] = type(self.lr_scheduler).__name__
             state["lr_scheduler_sized_for"] = self._sized_for
         return state
+
+    def _check_resumable(self, state: dict[str, Any], label: str) -> None:
+        super()._check_resumable(state, label)
+        saved = state.get("lr_scheduler_class") if "lr_scheduler" in state else None
+        if "lr_scheduler" in state and saved is None:
+            saved = "an LR scheduler"  # saved before the class was recorded
+        current = None if self.lr_scheduler is None else type(self.lr_scheduler).__name__
+        if saved == current or (saved == "an LR scheduler" and current is not None):
+            return
+        if current is None:
+            problem = f"was saved with {saved} and this run has no lr_scheduler"
+        elif saved is None:
+            problem = f"was saved without an LR scheduler and this run has {current}"
+        else:
+            problem = f"was saved with {saved} and this run has {current}"
+        raise ValueError(
+            f"checkpoint {label} {problem}. Resume with the original lr_scheduler, start "
+            "fresh (resume_from_checkpoint=null), or load only the model weights "
+            "(docs/checkpoints.rst, 'Changing the setup')"
+        )
 
     def _load_state(self, state: dict[str, Any]) -> None:
         super()._load_state(state)

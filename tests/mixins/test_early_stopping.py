@@ -6,6 +6,7 @@ import torch
 
 from accel_hydra import EarlyStoppingMixin, MetricMonitor
 from accel_hydra.mixins.checkpoint import TRAINER_STATE_FILE
+from accel_hydra.safe_state import load_trainer_state
 from accel_hydra.storage import CheckpointStore
 from tests.conftest import (
     ToyTrainer,
@@ -94,7 +95,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert (trainer.step, trainer.epoch) == (17, 1)
     store = CheckpointStore(trainer.checkpoint_dir)
     assert sorted(store.committed()) == ["epoch_1", "step_15"]
-    state = torch.load(f"{trainer.checkpoint_dir}/step_15/{TRAINER_STATE_FILE}", weights_only=False)
+    state = load_trainer_state(f"{trainer.checkpoint_dir}/step_15/{TRAINER_STATE_FILE}")
     assert state["step"] == 15
     from safetensors.torch import load_file
 
