@@ -3,7 +3,8 @@ import os
 
 import pytest
 
-from accel_hydra.storage import MARKER, CheckpointNotFoundError, CheckpointStore
+from accel_hydra.marker import marker_bytes
+from accel_hydra.storage import MARKER, CheckpointNotFoundError, CheckpointStore, staged_records
 
 
 def stage(store, name, payload="weights"):
@@ -61,8 +62,8 @@ def test_recover_finishes_an_interrupted_swap(tmp_path):
     # Killed between the two renames: the old best moved aside, the new one staged.
     os.rename(tmp_path / "best", tmp_path / ".retired-best")
     staged = stage(store, "best", "new")
-    with open(os.path.join(staged, MARKER), "w") as f:
-        json.dump({"step": 2, "epoch": 0}, f)
+    with open(os.path.join(staged, MARKER), "wb") as f:
+        f.write(marker_bytes({"step": 2, "epoch": 0}, staged_records(staged)))
     assert store.committed() == {}
     store.recover()
     assert (tmp_path / "best" / "model.bin").read_text() == "new"
