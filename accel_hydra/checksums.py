@@ -29,6 +29,7 @@ CHECKSUM = "xxh3_128"
 #: Length of its hexadecimal digest.
 CHECKSUM_HEX_DIGITS = 32
 _CHUNK = 4 * 2**20
+_THREADS_FROM = 64 * 2**20
 
 
 def checksum_file(path: str) -> tuple[int, str]:
@@ -47,14 +48,18 @@ def checksum_file(path: str) -> tuple[int, str]:
 def checksum_files(paths: dict[str, str]) -> dict[str, dict[str, object]]:
     """``{"size", "hash"}`` of many files at once: name -> local path in, name -> record out.
 
-    Files are hashed on up to one thread per CPU; a checkpoint's few large files
-    (weights, optimizer state) then take the time of the largest.
+    Large checkpoints are hashed on up to one thread per CPU, so their few large
+    files (weights, optimizer state) take the time of the largest; small ones on this
+    thread, where starting threads would cost more than it saves.
     """
-    workers = max(1, min(len(paths), os.cpu_count() or 1, 8))
     names = sorted(paths)
-    with ThreadPoolExecutor(workers, thread_name_prefix="accel_hydra checksum") as pool:
-        results = pool.map(checksum_file, (paths[name] for name in names))
-        return {
-            name: {"size": size, "hash": digest}
-            for name, (size, digest) in zip(names, results, strict=True)
-        }
+    workers = max(1, min(len(paths), os.cpu_count() or 1, 8))
+    if workers == 1 or sum(os.path.getsize(paths[name]) for name in names) < _THREADS_FROM:
+        results = [checksum_file(paths[name]) for name in names]
+    else:
+        with ThreadPoolExecutor(workers, thread_name_prefix="accel_hydra checksum") as pool:
+            results = list(pool.map(checksum_file, (paths[name] for name in names)))
+    return {
+        name: {"size": size, "hash": digest}
+        for name, (size, digest) in zip(names, results, strict=True)
+    }
