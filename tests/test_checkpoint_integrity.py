@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import math
 import os
+import resource
 import shutil
+import signal
 import subprocess
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -154,23 +156,76 @@ def small_tmpfs(path, size="4m"):
         subprocess.run(["umount", "-l", str(path)], check=False)
 
 
+class CommitHookStore(CheckpointStore):
+    """A real local store that calls ``before_commit`` first (the marker is written then)."""
+
+    before_commit = staticmethod(lambda: None)
+
+    def commit(self, name, staged, info):
+        self.before_commit()
+        super().commit(name, staged, info)
+
+
 @dataclass(kw_only=True, eq=False)
-class DiskFillingTrainer(ToyTrainer):
-    """Fills its checkpoint disk before epoch 2's ``best`` save, so that it fails with
-    ENOSPC while writing ``fail_at``: every file before it fits, ``fail_at`` does not."""
+class FailingWriteTrainer(ToyTrainer):
+    """Epoch 2's ``best`` save fails while writing ``fail_at``: every file before it is
+    written, ``fail_at`` is not.
+
+    ``how="tmpfs"`` fills the (small tmpfs) disk so that exactly the files before
+    ``fail_at`` fit: a real ENOSPC. ``how="rlimit"`` needs no mount: it lowers this
+    process's RLIMIT_FSIZE just before ``fail_at`` is written, so the kernel fails that
+    write with EFBIG (``SIGXFSZ`` ignored).
+    """
 
     fail_at: str = ""
+    how: str = "tmpfs"
     filler: str = ""
 
+    def __post_init__(self):
+        super().__post_init__()
+        self._failing = False
+        store = CommitHookStore(self.checkpoint_dir)
+        store.before_commit = lambda: self._limit_writes(MARKER)
+        self.checkpoint_store = store
+
     def save_checkpoint(self, name):
-        if name == "best" and self.epoch == 2:
+        self._failing = name == "best" and self.epoch == 2
+        if not self._failing:
+            return super().save_checkpoint(name)
+        if self.how == "tmpfs":
             self._fill_disk()
-        return super().save_checkpoint(name)
+            return super().save_checkpoint(name)
+        previous = resource.getrlimit(resource.RLIMIT_FSIZE)
+        try:
+            self._limit_writes("model.safetensors", "optimizer.bin", "random_states_0.pkl")
+            return super().save_checkpoint(name)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, previous)
+
+    def _state_to_save(self):
+        self._limit_writes(TRAINER_STATE_FILE)
+        return super()._state_to_save()
+
+    def _limit_writes(self, *files):
+        if self.how != "rlimit" or not self._failing or self.fail_at not in files:
+            return
+        sizes = self._sizes()
+        earlier = WRITE_ORDER[: WRITE_ORDER.index(self.fail_at)]
+        # Accelerate writes its files in one call: a limit between their sizes picks one.
+        limit = sizes[self.fail_at] - 1 if len(files) > 1 else 0
+        assert all(sizes[n] <= limit for n in earlier if n in files), "pick another limit"
+        resource.setrlimit(
+            resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1])
+        )
+
+    def _sizes(self):
+        best = os.path.join(self.checkpoint_dir, "best")
+        return {n: os.path.getsize(os.path.join(best, n)) for n in WRITE_ORDER}
 
     def _fill_disk(self):
         best = os.path.join(self.checkpoint_dir, "best")
         page = os.statvfs(best).f_frsize
-        pages = {n: math.ceil(os.path.getsize(os.path.join(best, n)) / page) for n in WRITE_ORDER}
+        pages = {n: math.ceil(size / page) for n, size in self._sizes().items()}
         before = WRITE_ORDER[: WRITE_ORDER.index(self.fail_at)]
         room = (sum(pages[n] for n in before) + pages[self.fail_at] - 1) * page
         disk = os.statvfs(best)
@@ -178,66 +233,83 @@ class DiskFillingTrainer(ToyTrainer):
             os.posix_fallocate(f.fileno(), 0, disk.f_bavail * disk.f_frsize - room)
 
 
-@pytest.mark.parametrize(
-    "fail_at",
-    [
-        pytest.param("model.safetensors", marks=pytest.mark.full_grid),
-        pytest.param("optimizer.bin", marks=pytest.mark.full_grid),
-        "random_states_0.pkl",
-        pytest.param(TRAINER_STATE_FILE, marks=pytest.mark.full_grid),
-        MARKER,
-    ],
-)
+FAIL_AT = [
+    pytest.param("model.safetensors", marks=pytest.mark.full_grid),
+    pytest.param("optimizer.bin", marks=pytest.mark.full_grid),
+    "random_states_0.pkl",
+    pytest.param(TRAINER_STATE_FILE, marks=pytest.mark.full_grid),
+    MARKER,
+]
+
+
+@pytest.mark.parametrize("fail_at", FAIL_AT)
 def test_a_full_disk_during_a_best_save_keeps_every_committed_checkpoint(
     tmp_path, three_epochs, fail_at
 ):
     disk = tmp_path / "disk"
     with small_tmpfs(disk):
-        checkpoints = str(disk / "checkpoints")
-        # Improves at epochs 1 and 2 (two best saves), not at 3.
-        scripted = [{"loss": 0.9}, {"loss": 0.5}, {"loss": 0.7}]
-        common = dict(
-            checkpoint_dir=checkpoints,
-            metric_monitor=MetricMonitor(metric_name="loss"),
-            scripted_metrics=scripted,
-        )
-        full = DiskFillingTrainer(
-            **fresh_kwargs(tmp_path, epochs=3),
-            **common,
-            fail_at=fail_at,
-            filler=str(disk / "filler"),
-        )
-        # ENOSPC as each writer words it: Python and safetensors name it, torch's does not.
-        full_disk = r"No space left on device|iostream error|unexpected pos"
-        with pytest.raises(Exception, match=full_disk):
-            full.train(seed=0)
+        failed_save_then_resume(tmp_path, three_epochs, fail_at, "tmpfs", disk / "checkpoints")
 
-        stage = os.path.join(checkpoints, ".staging-best")
-        if fail_at == MARKER:  # the stage is removed at once: its space is needed back
-            assert not os.path.exists(stage)
-        else:  # the save stopped at fail_at: it is cut short or absent, later files absent
-            staged = set(os.listdir(stage))
-            assert set(WRITE_ORDER[: WRITE_ORDER.index(fail_at)]) <= staged
-            assert not staged.intersection(WRITE_ORDER[WRITE_ORDER.index(fail_at) + 1 :])
-        store = CheckpointStore(checkpoints)
-        # The best of epoch 1 and the epoch_2 checkpoint are whole, and load.
-        assert store.read_marker("best")["step"] == 12
-        assert store.read_marker("epoch_2")["step"] == 24
-        store.verify("best")
-        store.verify("epoch_2")
 
-        os.remove(disk / "filler")  # the user frees space and starts the run again
-        again = ToyTrainer(
-            **fresh_kwargs(tmp_path, epochs=3), **common, resume_from_checkpoint="latest"
-        )
-        again.train(seed=0)
+@pytest.mark.parametrize("fail_at", FAIL_AT)
+def test_a_failed_write_during_a_best_save_keeps_every_committed_checkpoint(
+    tmp_path, three_epochs, fail_at
+):
+    """The same without a mount (any user): the write of ``fail_at`` fails with EFBIG."""
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:
+        failed_save_then_resume(tmp_path, three_epochs, fail_at, "rlimit", tmp_path / "checkpoints")
+    finally:
+        signal.signal(signal.SIGXFSZ, previous)
 
-        assert again.resumed_from == "epoch_2"
-        assert_same_training_state(again, three_epochs)
-        # recover() removed the broken stage and left the committed best alone.
-        assert sorted(os.listdir(checkpoints)) == ["best", "epoch_2", "epoch_3"]
-        assert store.read_marker("best")["step"] == 12
-        store.verify("best")
+
+def failed_save_then_resume(tmp_path, three_epochs, fail_at, how, checkpoints):
+    checkpoints = str(checkpoints)
+    # Improves at epochs 1 and 2 (two best saves), not at 3.
+    scripted = [{"loss": 0.9}, {"loss": 0.5}, {"loss": 0.7}]
+    common = dict(
+        checkpoint_dir=checkpoints,
+        metric_monitor=MetricMonitor(metric_name="loss"),
+        scripted_metrics=scripted,
+    )
+    full = FailingWriteTrainer(
+        **fresh_kwargs(tmp_path, epochs=3),
+        **common,
+        fail_at=fail_at,
+        how=how,
+        filler=os.path.join(os.path.dirname(checkpoints), "filler"),
+    )
+    # As each writer words it: Python and safetensors name the error, torch's does not.
+    failure = r"No space left on device|File too large|iostream error|unexpected pos"
+    with pytest.raises(Exception, match=failure):
+        full.train(seed=0)
+    stage = os.path.join(checkpoints, ".staging-best")
+    if fail_at == MARKER:  # the stage is removed at once: its space is needed back
+        assert not os.path.exists(stage)
+    else:  # the save stopped at fail_at: it is cut short or absent, later files absent
+        staged = set(os.listdir(stage))
+        assert set(WRITE_ORDER[: WRITE_ORDER.index(fail_at)]) <= staged
+        assert not staged.intersection(WRITE_ORDER[WRITE_ORDER.index(fail_at) + 1 :])
+    store = CheckpointStore(checkpoints)
+    # The best of epoch 1 and the epoch_2 checkpoint are whole, and load.
+    assert store.read_marker("best")["step"] == 12
+    assert store.read_marker("epoch_2")["step"] == 24
+    store.verify("best")
+    store.verify("epoch_2")
+
+    if os.path.exists(full.filler):
+        os.remove(full.filler)  # the user frees space and starts the run again
+    again = ToyTrainer(
+        **fresh_kwargs(tmp_path, epochs=3), **common, resume_from_checkpoint="latest"
+    )
+    again.train(seed=0)
+
+    assert again.resumed_from == "epoch_2"
+    assert_same_training_state(again, three_epochs)
+    # recover() removed the broken stage and left the committed best alone.
+    assert sorted(os.listdir(checkpoints)) == ["best", "epoch_2", "epoch_3"]
+    assert store.read_marker("best")["step"] == 12
+    store.verify("best")
 
 
 # -- object stores -----------------------------------------------------------------------
