@@ -284,9 +284,7 @@ def failed_save_then_resume(tmp_path, three_epochs, fail_at, how, checkpoints):
     with pytest.raises(Exception, match=failure):
         full.train(seed=0)
     stage = os.path.join(checkpoints, ".staging-best")
-    if fail_at == MARKER:  # the stage is removed at once: its space is needed back
-        assert not os.path.exists(stage)
-    else:  # the save stopped at fail_at: it is cut short or absent, later files absent
+    if fail_at != MARKER:  # the save stopped at fail_at: cut short or absent, later ones absent
         staged = set(os.listdir(stage))
         assert set(WRITE_ORDER[: WRITE_ORDER.index(fail_at)]) <= staged
         assert not staged.intersection(WRITE_ORDER[WRITE_ORDER.index(fail_at) + 1 :])
@@ -306,10 +304,12 @@ def failed_save_then_resume(tmp_path, three_epochs, fail_at, how, checkpoints):
 
     assert again.resumed_from == "epoch_2"
     assert_same_training_state(again, three_epochs)
-    # recover() removed the broken stage and left the committed best alone.
-    assert sorted(os.listdir(checkpoints)) == ["best", "epoch_2", "epoch_3"]
+    # The broken stage is gone (removed at the failed marker, or by recover() at the
+    # restart), never promoted: the committed best is still the one of epoch 1.
+    assert store.read_marker("best") is not None, "the stage replaced the committed best"
     assert store.read_marker("best")["step"] == 12
     store.verify("best")
+    assert sorted(os.listdir(checkpoints)) == ["best", "epoch_2", "epoch_3"]
 
 
 # -- object stores -----------------------------------------------------------------------
