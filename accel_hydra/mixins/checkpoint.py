@@ -298,7 +298,7 @@ class CheckpointMixin(MetricMonitoringMixin):
                     if hidden != name
                     else "removed its marker; its files stay, uncommitted"
                 )
-            self._say(f"accel_hydra: skipping damaged checkpoint {name}: {reason}; {where}")
+            self._say(f"accel_hydra: skipping {name}: {reason}; {where}")
         self.accelerator.wait_for_everyone()
 
     def _after_train(self) -> None:
