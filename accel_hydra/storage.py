@@ -14,21 +14,37 @@ its final place and renamed into place after the marker is written, so replacing
 ``best`` never leaves a half-written ``best`` behind. Other filesystems (``s3://``,
 ``gs://``, ``az://``, ``memory://``...) stage on local disk and upload the files, the
 marker last; :mod:`accel_hydra.uploader` runs that upload in the background.
+
+Nothing read back is trusted: a marker is validated like input from the internet
+(:mod:`accel_hydra.marker`), and every file it lists is checked against the size and
+checksum it records (:mod:`accel_hydra.checksums`) before a checkpoint is loaded. A
+checkpoint that fails either check is *damaged*: it is named, skipped by ``latest``,
+ignored by retention and moved aside (:meth:`CheckpointStore.quarantine`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import shutil
 import tempfile
-from typing import Any
+from stat import S_ISREG
+from typing import Any, NoReturn
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from accel_hydra.checksums import checksum_files
+from accel_hydra.marker import (
+    MARKER,
+    MARKER_MAX_BYTES,
+    MarkerError,
+    check_checkpoint_name,
+    check_relative_name,
+    marker_bytes,
+    parse_marker,
+)
 from accel_hydra.redaction import redact
 from accel_hydra.retention import checkpoint_order
 
@@ -38,13 +54,14 @@ __all__ = [
     "CheckpointNotFoundError",
     "CheckpointStore",
     "staged_files",
+    "staged_records",
 ]
 
-#: File whose presence makes a checkpoint directory committed. Holds its progress record.
-MARKER = "accel_hydra_committed.json"
 _STAGING_PREFIX = ".staging-"
 _RETIRED_PREFIX = ".retired-"
 _CORRUPT_PREFIX = ".corrupt-"
+# The marker while it is written; never listed (a stage holding it is unfinished).
+_MARKER_TEMP = ".accel_hydra_committed.json.tmp"
 
 
 class CheckpointNotFoundError(FileNotFoundError):
@@ -55,8 +72,9 @@ class CheckpointCorruptError(RuntimeError):
     """Raised when a committed checkpoint cannot be loaded.
 
     Attributes:
-        damaged: True when its bytes are provably damaged (a file the marker lists is
-            missing or has the wrong size); False when loading failed for another
+        damaged: True when its bytes are provably damaged (its marker is malformed, or
+            a file the marker lists is missing or has another size or checksum than
+            the marker records); False when loading failed for another
             reason (for example, a model that no longer matches the checkpoint).
     """
 
@@ -116,7 +134,14 @@ class CheckpointStore:
 
         Local stores stage beside the final place (a rename then commits it); remote
         stores stage under the system temp directory (:attr:`staging_root`).
+
+        Raises:
+            ValueError: ``name`` is not a plain name (letters, digits, ``_.+=@-``).
         """
+        try:
+            check_checkpoint_name(name)
+        except MarkerError as err:
+            raise ValueError(f"cannot save a checkpoint as {name!r}: {err}") from None
         if self.is_local:
             return os.path.join(self.root, _STAGING_PREFIX + name)
         return os.path.join(self.staging_root, name)
@@ -128,8 +153,12 @@ class CheckpointStore:
     def commit(self, name: str, staged: str, info: dict[str, Any]) -> None:
         """Make the files in ``staged`` the committed checkpoint ``name``.
 
-        Remote stores upload every staged file, then write the marker, then remove the
-        stage; if anything fails the stage is kept, so the save can be retried.
+        The marker records the size and checksum of every staged file. Local stores
+        write it into the stage under a temporary name, flush it to disk, rename it,
+        then rename the stage into place; if writing it fails (a full disk), the stage
+        is removed and the committed checkpoints are untouched. Remote stores upload
+        every staged file, then put the marker as one object, then remove the stage;
+        if anything fails the stage is kept, so the save can be retried.
 
         Args:
             name: checkpoint name (``step_100``, ``epoch_3``, ``best``...).
@@ -137,11 +166,12 @@ class CheckpointStore:
             info: progress record (at least ``step`` and ``epoch``) stored in the marker.
         """
         if self.is_local:
-            marker = _marker_text(info, staged_files(staged))
-            with open(os.path.join(staged, MARKER), "w") as f:
-                f.write(marker)
-                f.flush()
-                os.fsync(f.fileno())
+            try:
+                _write_local_marker(staged, marker_bytes(info, staged_records(staged)))
+            except BaseException:
+                # Frees the space a full disk needs back; nothing committed was touched.
+                shutil.rmtree(staged, ignore_errors=True)
+                raise
             self._swap_into_place(name, staged)
             return
         self.clear_target(name)
@@ -155,16 +185,17 @@ class CheckpointStore:
         if self.fs.exists(self.path(name)):
             self.delete(name)
 
-    def upload(self, name: str, staged: str) -> dict[str, int]:
+    def upload(self, name: str, staged: str) -> dict[str, dict[str, Any]]:
         """Copy the files of a local stage under checkpoint ``name``; no marker.
 
         On several machines each one uploads the files its own processes staged; one
         process then writes the marker (:meth:`write_marker`) with every file listed.
 
         Returns:
-            relative path -> size of every file uploaded.
+            relative path -> ``{"size", "hash"}`` of every file uploaded, checksummed
+            on local disk before the upload.
         """
-        files = staged_files(staged)
+        files = staged_records(staged)
         target = self.path(name)
         names = sorted(files)
         # One put() for all files: async stores (s3fs, gcsfs, adlfs) send them at once.
@@ -174,10 +205,12 @@ class CheckpointStore:
         )
         return files
 
-    def write_marker(self, name: str, info: dict[str, Any], files: dict[str, int]) -> None:
-        """Commit checkpoint ``name``: call only once every file in ``files`` is stored."""
-        with self.fs.open(f"{self.path(name)}/{MARKER}", "w") as f:
-            f.write(_marker_text(info, files))
+    def write_marker(self, name: str, info: dict[str, Any], files: dict[str, Any]) -> None:
+        """Commit checkpoint ``name``: call only once every file in ``files`` is stored.
+
+        The marker is put as one object, so a reader sees all of it or none.
+        """
+        self.fs.pipe_file(f"{self.path(name)}/{MARKER}", marker_bytes(info, files))
         self.fs.invalidate_cache()
 
     def _swap_into_place(self, name: str, staged: str) -> None:
@@ -186,16 +219,23 @@ class CheckpointStore:
         shutil.rmtree(retired, ignore_errors=True)
         if os.path.exists(final):
             os.rename(final, retired)
-        os.rename(staged, final)
+        try:
+            os.rename(staged, final)
+        except BaseException:
+            if os.path.exists(retired) and not os.path.exists(final):
+                os.rename(retired, final)
+            raise
         shutil.rmtree(retired, ignore_errors=True)
 
     def recover(self) -> None:
         """Finish or undo a local save that was interrupted. Call on one process only.
 
-        A staging directory with its marker was committed but not yet moved into
-        place: it is moved now. One without a marker is an unfinished save: it is
-        removed. A retired copy (the checkpoint a commit was replacing) is removed
-        when its replacement is in place, and put back when it is not.
+        A staging directory whose marker is valid and whose files match it was
+        committed but not yet moved into place: it is moved now. Any other staging
+        directory (no marker, an empty or cut-off one, a file that does not match) is
+        an unfinished save: it is removed, and the committed checkpoint of that name
+        is left alone. A retired copy (the checkpoint a commit was replacing) is
+        removed when its replacement is in place, and put back when it is not.
         """
         if not self.is_local or not os.path.isdir(self.root):
             return
@@ -203,7 +243,7 @@ class CheckpointStore:
         for entry in entries:
             if entry.startswith(_STAGING_PREFIX):
                 full = os.path.join(self.root, entry)
-                if os.path.exists(os.path.join(full, MARKER)):
+                if self._stage_is_complete(full):
                     self._swap_into_place(entry[len(_STAGING_PREFIX) :], full)
                 else:
                     shutil.rmtree(full, ignore_errors=True)
@@ -213,31 +253,62 @@ class CheckpointStore:
                 if not os.path.exists(full):
                     continue
                 name = entry[len(_RETIRED_PREFIX) :]
-                if os.path.exists(os.path.join(self.path(name), MARKER)):
+                if _local_marker_is_valid(self.path(name)):
                     shutil.rmtree(full, ignore_errors=True)
-                elif os.path.exists(os.path.join(full, MARKER)):
+                elif _local_marker_is_valid(full):
                     shutil.rmtree(self.path(name), ignore_errors=True)
                     os.rename(full, self.path(name))
 
+    def _stage_is_complete(self, staged: str) -> bool:
+        """Whether a local stage holds a valid marker and every file it lists, unchanged."""
+        try:
+            files = _read_local_marker(staged)["files"]
+            self._check_files(os.path.basename(staged), staged, files)
+        except (MarkerError, CheckpointCorruptError, OSError):
+            return False
+        return True
+
     # -- reading ---------------------------------------------------------------------
 
-    def committed(self) -> dict[str, dict[str, Any]]:
-        """Every committed checkpoint: name -> the progress record in its marker."""
+    def scan(self) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+        """One listing of the store: the committed checkpoints and the damaged ones.
+
+        Returns:
+            ``(committed, damaged)``: name -> the validated record of its marker, and
+            name -> why its marker is damaged. Directories without a marker, and
+            names starting with a dot or that are not plain names, are in neither.
+        """
         # s3fs, gcsfs and adlfs cache listings; another process may have committed since.
         self.fs.invalidate_cache()
         try:
             entries = self.fs.ls(self.root, detail=True)
         except FileNotFoundError:
-            return {}
-        found = {}
+            return {}, {}
+        committed, damaged = {}, {}
         for entry in entries:
             name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
             if entry["type"] != "directory" or name.startswith("."):
                 continue
-            info = self.read_marker(name)
+            try:
+                check_checkpoint_name(name)
+            except MarkerError:
+                continue
+            try:
+                info = self.load_marker(name)
+            except CheckpointCorruptError as err:
+                damaged[name] = str(err)
+                continue
             if info is not None:
-                found[name] = info
-        return found
+                committed[name] = info
+        return committed, damaged
+
+    def committed(self) -> dict[str, dict[str, Any]]:
+        """Every committed checkpoint with a valid marker: name -> its progress record."""
+        return self.scan()[0]
+
+    def damaged(self) -> dict[str, str]:
+        """Every checkpoint whose marker is damaged: name -> why."""
+        return self.scan()[1]
 
     def latest(self) -> str | None:
         """The committed checkpoint with the most training progress, or None."""
@@ -247,12 +318,35 @@ class CheckpointStore:
         return max(committed, key=lambda name: checkpoint_order(name, committed[name]))
 
     def read_marker(self, name: str) -> dict[str, Any] | None:
-        """The progress record of checkpoint ``name``, or None if it is not committed."""
+        """The validated marker of checkpoint ``name``; None if it has none or a damaged one."""
         try:
-            with self.fs.open(f"{self.path(name)}/{MARKER}", "r") as f:
-                return json.loads(f.read())
-        except (FileNotFoundError, json.JSONDecodeError):
+            return self.load_marker(name)
+        except CheckpointCorruptError:
             return None
+
+    def load_marker(self, name: str) -> dict[str, Any] | None:
+        """The validated marker of checkpoint ``name``, or None if it has none.
+
+        Raises:
+            CheckpointCorruptError: (``damaged=True``) the marker is not one this
+                library writes: not UTF-8 JSON, a field of the wrong type or out of
+                bounds, a file name outside the checkpoint directory...
+        """
+        check_checkpoint_name(name)
+        path = f"{self.path(name)}/{MARKER}"
+        try:
+            with self.fs.open(path, "rb") as f:
+                raw = f.read(MARKER_MAX_BYTES + 1)
+        except FileNotFoundError:
+            return None
+        except (IsADirectoryError, NotADirectoryError):
+            raw = b"<a directory>"
+        try:
+            return parse_marker(raw)
+        except MarkerError as err:
+            raise CheckpointCorruptError(
+                f"checkpoint {self.display(name)} is damaged: {err}", damaged=True
+            ) from None
 
     def delete(self, name: str) -> None:
         """Delete checkpoint ``name``: the marker first, so a partial delete is uncommitted."""
@@ -262,47 +356,82 @@ class CheckpointStore:
             self.fs.rm(self.path(name), recursive=True)
 
     def verify(self, name: str) -> None:
-        """Check that every file the marker lists is present with its recorded size.
+        """Check checkpoint ``name`` where it is stored, without loading it.
+
+        Local stores check the size and checksum of every file the marker lists;
+        remote ones check the sizes (the checksums are checked after the download, by
+        :meth:`fetch`).
 
         Raises:
-            CheckpointCorruptError: naming the first missing or truncated file.
+            CheckpointNotFoundError: the checkpoint is missing or has no commit marker.
+            CheckpointCorruptError: (``damaged=True``) its marker is damaged, or a
+                file is missing or differs from its record; the message names it.
         """
-        info = self.read_marker(name) or {}
-        for rel, size in sorted(info.get("files", {}).items()):
-            path = f"{self.path(name)}/{rel}"
-            try:
-                found = self.fs.size(path)
-            except FileNotFoundError:
-                found = None
-            if found != size:
-                state = "is missing" if found is None else f"has {found} bytes, not {size}"
-                raise CheckpointCorruptError(
-                    f"checkpoint {self.display(name)} is damaged: {rel} {state}", damaged=True
-                )
-
-    def quarantine(self, name: str) -> str:
-        """Move a damaged checkpoint out of the way (kept for inspection); return its name."""
-        hidden = _CORRUPT_PREFIX + name
-        if self.fs.exists(self.path(hidden)):
-            self.fs.rm(self.path(hidden), recursive=True)
-        self.fs.mv(self.path(name), self.path(hidden), recursive=True)
-        return hidden
+        files = self._committed_files(name)
+        if self.is_local:
+            self._check_files(name, self.path(name), files)
+        else:
+            self._check_remote_sizes(name, files)
 
     def fetch(self, name: str, cache_dir: str | None = None, download: bool = True) -> str:
-        """A local directory holding checkpoint ``name``, downloading it if remote.
+        """A local directory holding checkpoint ``name``, verified, downloading it if remote.
+
+        Every file the marker lists is checked against its size and checksum before
+        this returns: in place for a local store, after the download into the cache
+        for a remote one. Downloads never write outside
+        ``<cache_dir>/accel_hydra_fetch/``.
 
         Args:
             name: the checkpoint.
             cache_dir: where remote checkpoints are downloaded; default: the temp dir.
-            download: False only checks the checkpoint and returns where it will be, for
-                processes that share a machine with the one that downloads it.
+            download: False only checks the marker and returns where the checkpoint
+                will be, for processes that share a machine with the one that
+                downloads (and verifies) it.
 
         Raises:
             CheckpointNotFoundError: the checkpoint is missing or has no commit marker.
-            CheckpointCorruptError: a file the marker lists is missing or truncated.
+            CheckpointCorruptError: (``damaged=True``) its marker is damaged, or a
+                file is missing or differs from its record; the message names it.
         """
-        if self.read_marker(name) is None:
-            where = self.display(name)
+        files = self._committed_files(name)
+        if self.is_local:
+            if download:
+                self._check_files(name, self.path(name), files)
+            return self.path(name)
+        key = hashlib.sha1(self.url.encode()).hexdigest()[:16]
+        base = cache_dir or tempfile.gettempdir()
+        cache = os.path.realpath(os.path.join(base, "accel_hydra_fetch"))
+        local = os.path.join(cache, key, name)
+        if not download:
+            return local
+        self._check_remote_sizes(name, files)
+        shutil.rmtree(local, ignore_errors=True)
+        names = sorted(files)
+        destinations = [os.path.join(local, *rel.split("/")) for rel in names]
+        for destination in destinations:
+            # Names are validated; this guards the cache against any gap in that check.
+            if os.path.commonpath([cache, os.path.realpath(destination)]) != cache:
+                raise CheckpointCorruptError(
+                    f"checkpoint {self.display(name)} is damaged: {destination} is outside "
+                    f"the download cache {cache}",
+                    damaged=True,
+                )
+            os.makedirs(os.path.dirname(destination), exist_ok=True)
+        self.fs.get([f"{self.path(name)}/{rel}" for rel in names], destinations)
+        self._check_files(name, local, files)
+        return local
+
+    # -- integrity -------------------------------------------------------------------
+
+    def _committed_files(self, name: str) -> dict[str, dict[str, Any]]:
+        """The validated file records of committed checkpoint ``name``."""
+        where = self.display(name)
+        try:
+            check_checkpoint_name(name)
+        except MarkerError as err:
+            raise CheckpointNotFoundError(f"checkpoint {where}: {err}") from None
+        info = self.load_marker(name)
+        if info is None:
             if self.fs.exists(self.path(name)):
                 raise CheckpointNotFoundError(
                     f"checkpoint {where} has no commit marker ({MARKER}): its save did not "
@@ -312,33 +441,143 @@ class CheckpointStore:
                 f"checkpoint {where} does not exist. Check resume_from_checkpoint, or use "
                 "'latest' to pick the newest committed checkpoint."
             )
-        self.verify(name)
+        return info["files"]
+
+    def _check_files(self, name: str, local_dir: str, files: dict[str, dict[str, Any]]) -> None:
+        """Compare the local copies of ``files`` with their records: sizes, then checksums."""
+        paths = {rel: os.path.join(local_dir, *rel.split("/")) for rel in files}
+        for rel in sorted(files):
+            try:
+                stat = os.lstat(paths[rel])
+            except (FileNotFoundError, NotADirectoryError):
+                self._damaged(name, f"{rel} is missing")
+            if not S_ISREG(stat.st_mode):  # a symlink could point anywhere on this machine
+                self._damaged(name, f"{rel} is not a regular file")
+            if stat.st_size != files[rel]["size"]:
+                self._damaged(name, f"{rel} has {stat.st_size} bytes, not {files[rel]['size']}")
+        found = checksum_files(paths)
+        for rel in sorted(files):
+            if found[rel] != files[rel]:
+                self._damaged(
+                    name, f"{rel} does not match its checksum: its bytes changed after the save"
+                )
+
+    def _check_remote_sizes(self, name: str, files: dict[str, dict[str, Any]]) -> None:
+        """Compare the stored sizes of ``files`` with their records, in one listing."""
+        base = self.path(name)
+        try:
+            listed = self.fs.find(base, detail=True)
+        except FileNotFoundError:
+            listed = {}
+        sizes = {path[len(base) + 1 :]: entry.get("size") for path, entry in listed.items()}
+        for rel in sorted(files):
+            if rel not in sizes:
+                self._damaged(name, f"{rel} is missing")
+            if sizes[rel] != files[rel]["size"]:
+                self._damaged(name, f"{rel} has {sizes[rel]} bytes, not {files[rel]['size']}")
+
+    def _damaged(self, name: str, problem: str) -> NoReturn:
+        raise CheckpointCorruptError(
+            f"checkpoint {self.display(name)} is damaged: {problem}", damaged=True
+        )
+
+    def quarantine(self, name: str) -> str:
+        """Take a damaged checkpoint out of use, keeping its bytes; return where they are.
+
+        Local stores rename it to ``.corrupt-<name>`` (one atomic step). Object stores
+        cannot rename a directory: the marker is deleted first (from then on the
+        checkpoint is uncommitted, so ``latest`` and retention never see it again),
+        then the files are copied to ``.corrupt-<name>`` on the server and deleted. If
+        that copy fails the bytes stay, uncommitted, under ``name``, which is returned.
+
+        Raises:
+            OSError: not even the marker could be removed (for example read-only
+                credentials); the checkpoint is then still committed.
+        """
+        hidden = _CORRUPT_PREFIX + name
         if self.is_local:
-            return self.path(name)
-        key = hashlib.sha1(self.url.encode()).hexdigest()[:16]
-        local = os.path.join(cache_dir or tempfile.gettempdir(), "accel_hydra_fetch", key, name)
-        if not download:
-            return local
-        shutil.rmtree(local, ignore_errors=True)
-        info = self.read_marker(name) or {}
-        for rel in sorted(info.get("files", {})):
-            destination = os.path.join(local, *rel.split("/"))
-            os.makedirs(os.path.dirname(destination), exist_ok=True)
-            self.fs.get_file(f"{self.path(name)}/{rel}", destination)
-        return local
+            shutil.rmtree(self.path(hidden), ignore_errors=True)
+            os.rename(self.path(name), self.path(hidden))
+            return hidden
+        source, target = self.path(name), self.path(hidden)
+        marker = f"{source}/{MARKER}"
+        try:
+            raw = self.fs.cat_file(marker)
+        except FileNotFoundError:
+            raw = None
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(marker)
+        self.fs.invalidate_cache()
+        try:
+            if self.fs.exists(target):
+                self.fs.rm(target, recursive=True)
+            files = self.fs.find(source)
+            self.fs.copy(files, [target + path[len(source) :] for path in files])
+            if raw is not None:
+                self.fs.pipe_file(f"{target}/{MARKER}", raw)
+            self.fs.rm(source, recursive=True)
+        except Exception:
+            self.fs.invalidate_cache()
+            return name
+        self.fs.invalidate_cache()
+        return hidden
 
 
 def staged_files(staged: str) -> dict[str, int]:
     """Relative path (``/``-separated) -> size of every file in a stage, marker excluded."""
-    files = {}
+    return {rel: os.path.getsize(path) for rel, path in _stage_paths(staged).items()}
+
+
+def staged_records(staged: str) -> dict[str, dict[str, Any]]:
+    """Relative path -> ``{"size", "hash"}`` of every file in a stage, marker excluded.
+
+    Raises:
+        ValueError: a file name in the stage is not one a marker may list.
+    """
+    paths = _stage_paths(staged)
+    for rel in paths:
+        try:
+            check_relative_name(rel)
+        except MarkerError as err:
+            raise ValueError(f"cannot commit {staged}: {err}") from None
+    return checksum_files(paths)
+
+
+def _stage_paths(staged: str) -> dict[str, str]:
+    paths = {}
     for dirpath, _, filenames in os.walk(staged):
         for filename in filenames:
             local = os.path.join(dirpath, filename)
             rel = os.path.relpath(local, staged).replace(os.sep, "/")
-            if rel != MARKER:
-                files[rel] = os.path.getsize(local)
-    return files
+            if not rel.startswith(MARKER) and not rel.startswith(_MARKER_TEMP):
+                paths[rel] = local
+    return paths
 
 
-def _marker_text(info: dict[str, Any], files: dict[str, int]) -> str:
-    return json.dumps({**info, "files": files}, sort_keys=True)
+def _write_local_marker(directory: str, raw: bytes) -> None:
+    """Write a marker whole or not at all: a temporary name, fsync, rename, fsync the dir."""
+    temporary = os.path.join(directory, _MARKER_TEMP)
+    with open(temporary, "wb") as f:
+        f.write(raw)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, os.path.join(directory, MARKER))
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _read_local_marker(directory: str) -> dict[str, Any]:
+    """The validated marker in a local directory. Raises MarkerError or OSError."""
+    with open(os.path.join(directory, MARKER), "rb") as f:
+        return parse_marker(f.read(MARKER_MAX_BYTES + 1))
+
+
+def _local_marker_is_valid(directory: str) -> bool:
+    try:
+        _read_local_marker(directory)
+    except (MarkerError, OSError):
+        return False
+    return True

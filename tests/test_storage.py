@@ -1,9 +1,18 @@
 import json
 import os
+import uuid
 
 import pytest
 
-from accel_hydra.storage import MARKER, CheckpointNotFoundError, CheckpointStore
+from accel_hydra.marker import marker_bytes
+from accel_hydra.retention import checkpoints_to_prune
+from accel_hydra.storage import (
+    MARKER,
+    CheckpointCorruptError,
+    CheckpointNotFoundError,
+    CheckpointStore,
+    staged_records,
+)
 
 
 def stage(store, name, payload="weights"):
@@ -61,8 +70,8 @@ def test_recover_finishes_an_interrupted_swap(tmp_path):
     # Killed between the two renames: the old best moved aside, the new one staged.
     os.rename(tmp_path / "best", tmp_path / ".retired-best")
     staged = stage(store, "best", "new")
-    with open(os.path.join(staged, MARKER), "w") as f:
-        json.dump({"step": 2, "epoch": 0}, f)
+    with open(os.path.join(staged, MARKER), "wb") as f:
+        f.write(marker_bytes({"step": 2, "epoch": 0}, staged_records(staged)))
     assert store.committed() == {}
     store.recover()
     assert (tmp_path / "best" / "model.bin").read_text() == "new"
@@ -113,3 +122,51 @@ def test_object_store_commit_list_replace_fetch_delete(tmp_path, backend):
     assert store.committed().keys() == {"best"}
     assert fs.exists(f"{root}/run-old/step_5/{MARKER}")
     assert not os.path.exists(store.staging_dir("best"))
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"", b"{}", b"[]", b'{"step": "abc", "epoch": 0}', b'{"step": 9, "\xff": 0}'],
+    ids=["empty", "{}", "list", "step abc", "invalid UTF-8"],
+)
+def test_a_malformed_marker_never_blocks_latest_or_retention(tmp_path, raw):
+    store = CheckpointStore(str(tmp_path))
+    commit(store, "step_3", 3)
+    commit(store, "step_9", 9)
+    (tmp_path / "step_9" / MARKER).write_bytes(raw)
+    assert store.latest() == "step_3"
+    assert checkpoints_to_prune(store.committed(), 1, newest="step_3") == []
+    with pytest.raises(CheckpointCorruptError, match="step_9 is damaged") as err:
+        store.fetch("step_9")
+    assert err.value.damaged
+
+
+@pytest.mark.parametrize("url", ["memory://", "local"])
+def test_fetch_never_writes_outside_its_cache(tmp_path, url):
+    escape = "../../../../../escape.pth"
+    if url == "local":
+        store = CheckpointStore(str(tmp_path / "store" / "run"))
+    else:
+        store = CheckpointStore(f"memory://traversal-{uuid.uuid4().hex}/run")
+    commit(store, "step_9", 9)
+    if url != "local":  # what an attacker can write: a file where the name leads
+        store.fs.pipe_file(f"{store.path('step_9')}/{escape}", b"owned")
+    marker = {"step": 9, "epoch": 0, "files": {"model.bin": 7, escape: 5}}
+    store.fs.pipe_file(f"{store.path('step_9')}/{MARKER}", json.dumps(marker).encode())
+    cache = tmp_path / "work" / "cache"
+    with pytest.raises(CheckpointCorruptError, match="step_9 is damaged"):
+        store.fetch("step_9", cache_dir=str(cache))
+    written = [p for p in tmp_path.rglob("escape.pth") if "store" not in p.parts]
+    assert written == [] and store.latest() is None
+
+
+def test_quarantine_on_an_object_store_keeps_the_bytes_aside(tmp_path, backend):
+    store = CheckpointStore(f"{backend.new_bucket()}/run", backend.storage_options)
+    commit(store, "step_1", 1, payload="good")
+    commit(store, "step_2", 2, payload="damaged")
+    assert store.quarantine("step_2") == ".corrupt-step_2"
+    assert store.latest() == "step_1"
+    hidden = store.path(".corrupt-step_2")
+    assert store.fs.cat_file(f"{hidden}/model.bin") == b"damaged"
+    assert store.fs.exists(f"{hidden}/{MARKER}")
+    assert not store.fs.exists(store.path("step_2"))

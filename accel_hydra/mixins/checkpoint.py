@@ -21,7 +21,7 @@ from accel_hydra.safe_state import (
     save_object_state,
     save_trainer_state,
 )
-from accel_hydra.storage import CheckpointCorruptError, CheckpointStore
+from accel_hydra.storage import CheckpointCorruptError, CheckpointNotFoundError, CheckpointStore
 from accel_hydra.uploader import BackgroundUploader, CheckpointUploadError
 
 __all__ = ["CheckpointMixin", "TRAINER_STATE_FILE", "object_state_file"]
@@ -284,34 +284,48 @@ class CheckpointMixin(MetricMonitoringMixin):
     def _restore_latest(self) -> None:
         """Resume from the newest committed checkpoint that loads, skipping damaged ones."""
         store = self.checkpoint_store
-        committed = store.committed()
+        committed, damaged = store.scan()
+        for name, reason in sorted(damaged.items()):
+            self._set_aside(name, reason)
         if not committed:
             self._say(f"accel_hydra: no committed checkpoint in {store.display()}: starting fresh")
             return
         newest_first = sorted(
             committed, key=lambda name: checkpoint_order(name, committed[name]), reverse=True
         )
-        reasons = []
+        reasons = [*damaged.values()]
         for name in newest_first:
             try:
                 self._restore_from(store, name)
                 return
             except CheckpointCorruptError as err:
                 reasons.append(str(err))
-                self.accelerator.wait_for_everyone()
-                if err.damaged and self.accelerator.is_main_process:
-                    # Out of the way (kept, hidden), so it is never picked or counted again.
-                    hidden = store.quarantine(name)
-                    self._say(
-                        f"accel_hydra: skipping {name}: {err}; moved it aside to "
-                        f"{store.display(hidden)}"
-                    )
+                if err.damaged:
+                    self._set_aside(name, str(err))
                 else:
                     self._say(f"accel_hydra: skipping {name}: {err}")
-                self.accelerator.wait_for_everyone()
+                    self.accelerator.wait_for_everyone()
         raise CheckpointCorruptError(
             f"no checkpoint in {store.display()} could be loaded: " + "; ".join(reasons)
         )
+
+    def _set_aside(self, name: str, reason: str) -> None:
+        """Say why damaged checkpoint ``name`` is skipped, and quarantine it (main process)."""
+        store = self.checkpoint_store
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            try:
+                hidden = store.quarantine(name)
+            except Exception as err:  # a read-only store: skipped now, named again next time
+                where = f"could not move it aside ({type(err).__name__}: {err})"
+            else:
+                where = (
+                    f"moved it aside to {store.display(hidden)}"
+                    if hidden != name
+                    else "removed its marker; its files stay, uncommitted"
+                )
+            self._say(f"accel_hydra: skipping {name}: {reason}; {where}")
+        self.accelerator.wait_for_everyone()
 
     def _after_train(self) -> None:
         try:
@@ -320,9 +334,7 @@ class CheckpointMixin(MetricMonitoringMixin):
             super()._after_train()
 
     def _restore_from(self, store: CheckpointStore, name: str) -> None:
-        # One download per machine; its other processes read the same directory.
-        local = store.fetch(name, download=self.accelerator.is_local_main_process)
-        self.accelerator.wait_for_everyone()
+        local = self._fetch_verified(store, name)
         self.load_checkpoint(local, label=store.display(name))
         if store.url == self.checkpoint_store.url:
             self.resumed_from = name
@@ -331,6 +343,30 @@ class CheckpointMixin(MetricMonitoringMixin):
             f"accel_hydra: resumed from {store.display(name)} "
             f"(epoch {self.epoch}, step {self.step}, batch {self._batches_in_epoch})"
         )
+
+    def _fetch_verified(self, store: CheckpointStore, name: str) -> str:
+        """Fetch and verify checkpoint ``name`` once per machine; every process agrees.
+
+        One process per machine downloads (remote) and checks every file's checksum;
+        its machine's other processes read the same directory. A failure anywhere is
+        raised on every process, so they all skip the same checkpoint together.
+        """
+        accelerator = self.accelerator
+        failure = None
+        try:
+            local = store.fetch(name, download=accelerator.is_local_main_process)
+        except (CheckpointNotFoundError, CheckpointCorruptError) as err:
+            failure = (type(err).__name__, str(err), getattr(err, "damaged", False))
+        if accelerator.num_processes > 1:
+            failures = [f for f in gather_object([failure]) if f is not None]
+            failure = failures[0] if failures else None
+        accelerator.wait_for_everyone()
+        if failure is not None:
+            kind, message, damaged = failure
+            if kind == CheckpointNotFoundError.__name__:
+                raise CheckpointNotFoundError(message)
+            raise CheckpointCorruptError(message, damaged=damaged)
+        return local
 
     def _resolve_resume_target(self, target: str) -> tuple[CheckpointStore, str | None]:
         if target == "latest":

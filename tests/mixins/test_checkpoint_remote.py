@@ -17,7 +17,7 @@ from fsspec.implementations.memory import MemoryFileSystem
 
 from accel_hydra import MetricMonitor
 from accel_hydra.mixins.checkpoint import TRAINER_STATE_FILE
-from accel_hydra.storage import MARKER, CheckpointStore
+from accel_hydra.storage import CheckpointStore
 from accel_hydra.uploader import CheckpointUploadError
 from tests.conftest import ToyTrainer, trainer_kwargs
 
@@ -107,7 +107,9 @@ def test_retention_deletes_only_this_runs_rotating_checkpoints(tmp_path, s3):
         CheckpointStore(url.rsplit("/", 1)[0], s3.storage_options).commit(
             "step_1", _stage(tmp_path / uuid.uuid4().hex), {"step": 1, "epoch": 0}
         )
-    fs.pipe(f"{bucket}/run/permanent_step_1/{MARKER}".split("://")[1], b'{"step":1,"epoch":0}')
+    CheckpointStore(f"{bucket}/run", s3.storage_options).commit(
+        "permanent_step_1", _stage(tmp_path / uuid.uuid4().hex), {"step": 1, "epoch": 0}
+    )
     fs.pipe(f"{bucket}/run/notes.txt".split("://")[1], b"keep me")
     trainer = ToyTrainer(
         **trainer_kwargs(
