@@ -32,12 +32,19 @@ from fsspec.implementations.local import LocalFileSystem
 from accel_hydra.retention import checkpoint_order
 
 __all__ = [
+    "DEFAULT_STORAGE_TIMEOUT",
     "MARKER",
     "CheckpointCorruptError",
     "CheckpointNotFoundError",
     "CheckpointStore",
+    "MissingBucketError",
+    "bounded_storage_options",
     "staged_files",
 ]
+
+#: Seconds a single request to a remote store may wait for the server (connect, or
+#: the next bytes of an answer) before it counts as failed.
+DEFAULT_STORAGE_TIMEOUT = 60.0
 
 #: File whose presence makes a checkpoint directory committed. Holds its progress record.
 MARKER = "accel_hydra_committed.json"
@@ -48,6 +55,10 @@ _CORRUPT_PREFIX = ".corrupt-"
 
 class CheckpointNotFoundError(FileNotFoundError):
     """Raised when a checkpoint to resume from is missing or was never committed."""
+
+
+class MissingBucketError(FileNotFoundError):
+    """Raised at start when the bucket or container of ``checkpoint_dir`` does not exist."""
 
 
 class CheckpointCorruptError(RuntimeError):
@@ -70,6 +81,12 @@ class CheckpointStore:
     Args:
         url: a local path, ``file://`` URL or any fsspec URL (``memory://``, ``s3://``...).
         storage_options: keyword arguments for the fsspec filesystem (credentials, endpoint).
+        timeout: seconds one request to a remote store may wait for the server; see
+            :func:`bounded_storage_options`. ``None`` keeps the filesystem's defaults.
+
+    Attributes:
+        run_id: when set, remote stages live under a directory of their own for this
+            run (:attr:`staging_root`), so two runs never share, clear or reuse one.
 
     Example:
         >>> store = CheckpointStore("/tmp/run/checkpoints")  # doctest: +SKIP
@@ -78,11 +95,49 @@ class CheckpointStore:
         >>> store.commit("step_100", stage, {"step": 100, "epoch": 1})  # doctest: +SKIP
     """
 
-    def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        storage_options: dict[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> None:
         self.url = str(url)
-        self.fs, root = fsspec.core.url_to_fs(self.url, **(storage_options or {}))
+        protocol = fsspec.utils.get_protocol(self.url)
+        options = bounded_storage_options(protocol, storage_options, timeout)
+        self.fs, root = fsspec.core.url_to_fs(self.url, **options)
         self.root = root.rstrip("/") or "/"
         self.is_local = isinstance(self.fs, LocalFileSystem)
+        self.run_id: str | None = None
+        if timeout is not None and _is_s3(self.fs):
+            # s3fs retries a timed-out request 5 times on top of botocore's own retries:
+            # a stalled endpoint would hold every call for 10 timeouts. botocore's retry
+            # (set in bounded_storage_options) is enough.
+            self.fs.retries = 1
+
+    def check_bucket(self) -> None:
+        """Fail at once when the bucket (container) of an object-store URL is missing.
+
+        Without it, a typo in the bucket name reads as "no checkpoint yet" and the run
+        fails only at its first save, possibly hours later.
+
+        Raises:
+            MissingBucketError: naming the bucket and the URL.
+        """
+        if not _is_object_store(self.fs):
+            return
+        bucket = self.root.split("/", 1)[0]
+        self.fs.invalidate_cache()
+        try:
+            found = self.fs.exists(bucket)
+        except (PermissionError, OSError):
+            # Credentials that may write under a prefix but not look at the bucket
+            # itself: the first real request will tell.
+            return
+        if not found:
+            raise MissingBucketError(
+                f"checkpoint_dir {self.display()}: bucket {bucket!r} does not exist; "
+                "create it, or fix the URL in checkpoint_dir"
+            )
 
     @property
     def is_remote(self) -> bool:
@@ -102,9 +157,11 @@ class CheckpointStore:
 
     @property
     def staging_root(self) -> str:
-        """The local directory that holds the stages of a remote store, keyed by its URL."""
+        """The local directory that holds the stages of a remote store, keyed by its URL
+        and, once :attr:`run_id` is set, by the run."""
         key = hashlib.sha1(self.url.encode()).hexdigest()[:16]
-        return os.path.join(tempfile.gettempdir(), "accel_hydra_stage", key)
+        root = os.path.join(tempfile.gettempdir(), "accel_hydra_stage", key)
+        return os.path.join(root, self.run_id) if self.run_id else root
 
     def staging_dir(self, name: str) -> str:
         """A local directory to write checkpoint ``name`` into, the same on every process.
@@ -120,7 +177,22 @@ class CheckpointStore:
         """Remove a stale staging directory left by an earlier, interrupted save."""
         shutil.rmtree(self.staging_dir(name), ignore_errors=True)
 
-    def commit(self, name: str, staged: str, info: dict[str, Any]) -> None:
+    def seal(self, staged: str, info: dict[str, Any]) -> None:
+        """Write the marker into a local stage, so the stage alone is a checkpoint.
+
+        A remote save whose upload fails keeps its stage; sealed, that stage can be
+        resumed with ``resume_from_checkpoint=<stage path>``. The local copy of the
+        marker is never uploaded as a file (:func:`staged_files` leaves it out).
+        """
+        path = os.path.join(staged, MARKER)
+        text = _marker_text(info, staged_files(staged))
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+
+    def commit(self, name: str, staged: str, info: dict[str, Any], callback: Any = None) -> None:
         """Make the files in ``staged`` the committed checkpoint ``name``.
 
         Remote stores upload every staged file, then write the marker, then remove the
@@ -130,6 +202,7 @@ class CheckpointStore:
             name: checkpoint name (``step_100``, ``epoch_3``, ``best``...).
             staged: local directory holding every file of the checkpoint.
             info: progress record (at least ``step`` and ``epoch``) stored in the marker.
+            callback: an fsspec callback told about upload progress (remote only).
         """
         if self.is_local:
             marker = _marker_text(info, staged_files(staged))
@@ -140,7 +213,7 @@ class CheckpointStore:
             self._swap_into_place(name, staged)
             return
         self.clear_target(name)
-        files = self.upload(name, staged)
+        files = self.upload(name, staged, callback)
         self.write_marker(name, info, files)
         shutil.rmtree(staged, ignore_errors=True)
 
@@ -150,7 +223,7 @@ class CheckpointStore:
         if self.fs.exists(self.path(name)):
             self.delete(name)
 
-    def upload(self, name: str, staged: str) -> dict[str, int]:
+    def upload(self, name: str, staged: str, callback: Any = None) -> dict[str, int]:
         """Copy the files of a local stage under checkpoint ``name``; no marker.
 
         On several machines each one uploads the files its own processes staged; one
@@ -166,6 +239,7 @@ class CheckpointStore:
         self.fs.put(
             [os.path.join(staged, *rel.split("/")) for rel in names],
             [f"{target}/{rel}" for rel in names],
+            **({"callback": callback} if callback is not None else {}),
         )
         return files
 
@@ -321,6 +395,52 @@ class CheckpointStore:
             os.makedirs(os.path.dirname(destination), exist_ok=True)
             self.fs.get_file(f"{self.path(name)}/{rel}", destination)
         return local
+
+
+def bounded_storage_options(
+    protocol: str, storage_options: dict[str, Any] | None, timeout: float | None
+) -> dict[str, Any]:
+    """``storage_options`` plus request timeouts for ``protocol``; the user's own win.
+
+    Without them a stalled endpoint holds a call for many minutes (s3fs and botocore
+    retry a timed-out request 25 times). What is added, only where the user set
+    nothing: ``s3``: ``config_kwargs`` ``connect_timeout`` and ``read_timeout`` =
+    ``timeout``, ``retries`` = 2 attempts; ``gs``: ``requests_timeout``; ``az``:
+    ``connection_timeout`` and ``read_timeout``.
+
+    Args:
+        protocol: the URL scheme (``s3``, ``gs``, ``az``...); others are left alone.
+        storage_options: what the user configured (not modified).
+        timeout: seconds; ``None`` returns the options unchanged.
+    """
+    options = dict(storage_options or {})
+    if timeout is None:
+        return options
+    if protocol in ("s3", "s3a"):
+        config = dict(options.get("config_kwargs") or {})
+        config.setdefault("connect_timeout", timeout)
+        config.setdefault("read_timeout", timeout)
+        config.setdefault("retries", {"total_max_attempts": 2, "mode": "standard"})
+        options["config_kwargs"] = config
+    elif protocol in ("gs", "gcs"):
+        options.setdefault("requests_timeout", timeout)
+    elif protocol in ("az", "abfs", "abfss"):
+        options.setdefault("connection_timeout", timeout)
+        options.setdefault("read_timeout", timeout)
+    return options
+
+
+def _protocols(fs: Any) -> set[str]:
+    protocol = fs.protocol
+    return {protocol} if isinstance(protocol, str) else set(protocol)
+
+
+def _is_s3(fs: Any) -> bool:
+    return bool(_protocols(fs) & {"s3", "s3a"})
+
+
+def _is_object_store(fs: Any) -> bool:
+    return bool(_protocols(fs) & {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"})
 
 
 def staged_files(staged: str) -> dict[str, int]:
