@@ -76,10 +76,20 @@ def test_training_continues_while_a_checkpoint_uploads(tmp_path):
     assert set(trainer.checkpoint_store.committed()) >= {"step_24", "epoch_2", "step_4"}
 
 
+@dataclass(kw_only=True, eq=False)
+class BucketDroppingTrainer(WatchedTrainer):
+    """Deletes its bucket after the first update: every upload is then refused."""
+
+    def _after_update(self):
+        if self.step == 1:
+            self.checkpoint_store.fs.rm(self.checkpoint_store.root.split("/")[0], recursive=True)
+        super()._after_update()
+
+
 @pytest.mark.parametrize("async_upload, stopped_at", [(True, 8), (False, 4)])
 def test_refused_upload_names_the_url_and_keeps_the_stage(tmp_path, s3, async_upload, stopped_at):
-    url = f"s3://no-such-bucket-{uuid.uuid4().hex[:8]}/run"
-    trainer = WatchedTrainer(
+    url = s3.new_bucket() + "/run"
+    trainer = BucketDroppingTrainer(
         **trainer_kwargs(tmp_path),
         checkpoint_dir=url,
         storage_options=s3.storage_options,
