@@ -328,15 +328,17 @@ class CheckpointMixin(MetricMonitoringMixin):
     # ----------------------------------------------------------------- resuming
 
     def _after_prepare(self) -> None:
-        super()._after_prepare()
-        for obj in self.checkpoint_objects:
-            self.accelerator.register_for_checkpointing(obj)
         self._interrupting = False
+        # The lock comes before the other mixins' set-up: a run refused at start must
+        # leave no trace (log files, stages) beside the run that holds the directory.
         try:
             self._take_checkpoint_dir()
+            super()._after_prepare()
         except BaseException:
             self._release_run_lock()
             raise
+        for obj in self.checkpoint_objects:
+            self.accelerator.register_for_checkpointing(obj)
 
     def _take_checkpoint_dir(self) -> None:
         """Check the store, take its run lock, then finish interrupted saves.
