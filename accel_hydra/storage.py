@@ -134,8 +134,9 @@ class CheckpointStore:
             # itself: the first real request will tell.
             return
         if not found:
+            kind = "container" if _protocols(self.fs) & {"az", "abfs", "abfss"} else "bucket"
             raise MissingBucketError(
-                f"checkpoint_dir {self.display()}: bucket {bucket!r} does not exist; "
+                f"checkpoint_dir {self.display()}: {kind} {bucket!r} does not exist; "
                 "create it, or fix the URL in checkpoint_dir"
             )
 

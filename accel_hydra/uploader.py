@@ -172,15 +172,15 @@ class BackgroundUploader:
                     job.job()
                     break
                 except Exception as err:
-                    if delay is None or job.abandoned.is_set():
-                        tries = attempt + 1
-                        raise CheckpointUploadError(
-                            f"upload of checkpoint {job.target} failed {tries} time(s), last "
-                            f"with {type(err).__name__}: {err}. {job.on_failure}".strip()
-                        ) from err
-                    # Waiting to retry is not a stall.
-                    job.progress.last = time.monotonic() + delay
-                    job.abandoned.wait(delay)
+                    if delay is not None:
+                        # Waiting to retry is not a stall; a given-up job stops retrying.
+                        job.progress.last = time.monotonic() + delay
+                        if not job.abandoned.wait(delay):
+                            continue
+                    raise CheckpointUploadError(
+                        f"upload of checkpoint {job.target} failed {attempt + 1} time(s), "
+                        f"last with {type(err).__name__}: {err}. {job.on_failure}".strip()
+                    ) from err
             if job.after is not None and not job.abandoned.is_set():
                 job.after()
         except BaseException as err:

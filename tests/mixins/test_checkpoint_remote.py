@@ -17,7 +17,7 @@ from fsspec.implementations.memory import MemoryFileSystem
 
 from accel_hydra import MetricMonitor
 from accel_hydra.mixins.checkpoint import TRAINER_STATE_FILE
-from accel_hydra.storage import MARKER, CheckpointStore
+from accel_hydra.storage import MARKER, CheckpointStore, MissingBucketError
 from accel_hydra.uploader import CheckpointUploadError
 from tests.conftest import ToyTrainer, trainer_kwargs
 
@@ -188,3 +188,18 @@ def _stage(path) -> str:
     with open(os.path.join(path, "model.bin"), "w") as f:
         f.write("someone else's weights")
     return str(path)
+
+
+def test_missing_bucket_stops_the_run_before_training(tmp_path, s3, capsys):
+    url = f"s3://no-such-bucket-{uuid.uuid4().hex[:8]}/run"
+    trainer = ToyTrainer(
+        **trainer_kwargs(tmp_path),
+        checkpoint_dir=url,
+        storage_options=s3.storage_options,
+        resume_from_checkpoint="latest",
+    )
+    with pytest.raises(MissingBucketError) as err:
+        trainer.train(seed=0)
+    assert str(err.value).startswith(f"checkpoint_dir {url}: bucket 'no-such-bucket-")
+    assert trainer.step == 0
+    assert "starting fresh" not in capsys.readouterr().out
