@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -384,6 +385,11 @@ class CheckpointMixin(MetricMonitoringMixin):
         lock, self._run_lock = self._run_lock, None
         if lock is not None:
             lock.release()
+        store = self.checkpoint_store
+        if store.is_remote and store.run_id and self.accelerator.is_local_main_process:
+            # This run's stage directory, unless a failed upload kept a stage in it.
+            with contextlib.suppress(OSError):
+                os.rmdir(store.staging_root)
 
     def _restore(self) -> None:
         try:
