@@ -49,14 +49,20 @@ from accel_hydra.redaction import redact
 from accel_hydra.retention import checkpoint_order
 
 __all__ = [
+    "DEFAULT_STORAGE_TIMEOUT",
     "MARKER",
     "CheckpointCorruptError",
     "CheckpointNotFoundError",
     "CheckpointStore",
+    "MissingBucketError",
+    "bounded_storage_options",
     "staged_files",
     "staged_records",
 ]
 
+#: Seconds a single request to a remote store may wait for the server (connect, or
+#: the next bytes of an answer) before it counts as failed.
+DEFAULT_STORAGE_TIMEOUT = 60.0
 _STAGING_PREFIX = ".staging-"
 _RETIRED_PREFIX = ".retired-"
 _CORRUPT_PREFIX = ".corrupt-"
@@ -66,6 +72,10 @@ _MARKER_TEMP = ".accel_hydra_committed.json.tmp"
 
 class CheckpointNotFoundError(FileNotFoundError):
     """Raised when a checkpoint to resume from is missing or was never committed."""
+
+
+class MissingBucketError(FileNotFoundError):
+    """Raised at start when the bucket or container of ``checkpoint_dir`` does not exist."""
 
 
 class CheckpointCorruptError(RuntimeError):
@@ -89,6 +99,12 @@ class CheckpointStore:
     Args:
         url: a local path, ``file://`` URL or any fsspec URL (``memory://``, ``s3://``...).
         storage_options: keyword arguments for the fsspec filesystem (credentials, endpoint).
+        timeout: seconds one request to a remote store may wait for the server; see
+            :func:`bounded_storage_options`. ``None`` keeps the filesystem's defaults.
+
+    Attributes:
+        run_id: when set, remote stages live under a directory of their own for this
+            run (:attr:`staging_root`), so two runs never share, clear or reuse one.
 
     Example:
         >>> store = CheckpointStore("/tmp/run/checkpoints")  # doctest: +SKIP
@@ -97,11 +113,50 @@ class CheckpointStore:
         >>> store.commit("step_100", stage, {"step": 100, "epoch": 1})  # doctest: +SKIP
     """
 
-    def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        storage_options: dict[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> None:
         self.url = str(url)
-        self.fs, root = fsspec.core.url_to_fs(self.url, **(storage_options or {}))
+        protocol = fsspec.utils.get_protocol(self.url)
+        options = bounded_storage_options(protocol, storage_options, timeout)
+        self.fs, root = fsspec.core.url_to_fs(self.url, **options)
         self.root = root.rstrip("/") or "/"
         self.is_local = isinstance(self.fs, LocalFileSystem)
+        self.run_id: str | None = None
+        if timeout is not None and _is_s3(self.fs):
+            # s3fs retries a timed-out request 5 times on top of botocore's own retries:
+            # a stalled endpoint would hold every call for 10 timeouts. botocore's retry
+            # (set in bounded_storage_options) is enough.
+            self.fs.retries = 1
+
+    def check_bucket(self) -> None:
+        """Fail at once when the bucket (container) of an object-store URL is missing.
+
+        Without it, a typo in the bucket name reads as "no checkpoint yet" and the run
+        fails only at its first save, possibly hours later.
+
+        Raises:
+            MissingBucketError: naming the bucket and the URL.
+        """
+        if not _is_object_store(self.fs):
+            return
+        bucket = self.root.split("/", 1)[0]
+        self.fs.invalidate_cache()
+        try:
+            found = self.fs.exists(bucket)
+        except (PermissionError, OSError):
+            # Credentials that may write under a prefix but not look at the bucket
+            # itself: the first real request will tell.
+            return
+        if not found:
+            kind = "container" if _protocols(self.fs) & {"az", "abfs", "abfss"} else "bucket"
+            raise MissingBucketError(
+                f"checkpoint_dir {self.display()}: {kind} {bucket!r} does not exist; "
+                "create it, or fix the URL in checkpoint_dir"
+            )
 
     @property
     def is_remote(self) -> bool:
@@ -125,9 +180,11 @@ class CheckpointStore:
 
     @property
     def staging_root(self) -> str:
-        """The local directory that holds the stages of a remote store, keyed by its URL."""
+        """The local directory that holds the stages of a remote store, keyed by its URL
+        and, once :attr:`run_id` is set, by the run."""
         key = hashlib.sha1(self.url.encode()).hexdigest()[:16]
-        return os.path.join(tempfile.gettempdir(), "accel_hydra_stage", key)
+        root = os.path.join(tempfile.gettempdir(), "accel_hydra_stage", key)
+        return os.path.join(root, self.run_id) if self.run_id else root
 
     def staging_dir(self, name: str) -> str:
         """A local directory to write checkpoint ``name`` into, the same on every process.
@@ -150,7 +207,16 @@ class CheckpointStore:
         """Remove a stale staging directory left by an earlier, interrupted save."""
         shutil.rmtree(self.staging_dir(name), ignore_errors=True)
 
-    def commit(self, name: str, staged: str, info: dict[str, Any]) -> None:
+    def seal(self, staged: str, info: dict[str, Any]) -> None:
+        """Write the marker into a local stage, so the stage alone is a checkpoint.
+
+        A remote save whose upload fails keeps its stage; sealed, that stage can be
+        resumed with ``resume_from_checkpoint=<stage path>``. The local copy of the
+        marker is never uploaded as a file (:func:`staged_files` leaves it out).
+        """
+        _write_local_marker(staged, marker_bytes(info, staged_records(staged)))
+
+    def commit(self, name: str, staged: str, info: dict[str, Any], callback: Any = None) -> None:
         """Make the files in ``staged`` the committed checkpoint ``name``.
 
         The marker records the size and checksum of every staged file. Local stores
@@ -164,6 +230,7 @@ class CheckpointStore:
             name: checkpoint name (``step_100``, ``epoch_3``, ``best``...).
             staged: local directory holding every file of the checkpoint.
             info: progress record (at least ``step`` and ``epoch``) stored in the marker.
+            callback: an fsspec callback told about upload progress (remote only).
         """
         if self.is_local:
             try:
@@ -175,7 +242,7 @@ class CheckpointStore:
             self._swap_into_place(name, staged)
             return
         self.clear_target(name)
-        files = self.upload(name, staged)
+        files = self.upload(name, staged, callback)
         self.write_marker(name, info, files)
         shutil.rmtree(staged, ignore_errors=True)
 
@@ -185,7 +252,7 @@ class CheckpointStore:
         if self.fs.exists(self.path(name)):
             self.delete(name)
 
-    def upload(self, name: str, staged: str) -> dict[str, dict[str, Any]]:
+    def upload(self, name: str, staged: str, callback: Any = None) -> dict[str, dict[str, Any]]:
         """Copy the files of a local stage under checkpoint ``name``; no marker.
 
         On several machines each one uploads the files its own processes staged; one
@@ -202,6 +269,7 @@ class CheckpointStore:
         self.fs.put(
             [os.path.join(staged, *rel.split("/")) for rel in names],
             [f"{target}/{rel}" for rel in names],
+            **({"callback": callback} if callback is not None else {}),
         )
         return files
 
@@ -521,6 +589,52 @@ class CheckpointStore:
             return name
         self.fs.invalidate_cache()
         return hidden
+
+
+def bounded_storage_options(
+    protocol: str, storage_options: dict[str, Any] | None, timeout: float | None
+) -> dict[str, Any]:
+    """``storage_options`` plus request timeouts for ``protocol``; the user's own win.
+
+    Without them a stalled endpoint holds a call for many minutes (s3fs and botocore
+    retry a timed-out request 25 times). What is added, only where the user set
+    nothing: ``s3``: ``config_kwargs`` ``connect_timeout`` and ``read_timeout`` =
+    ``timeout``, ``retries`` = 2 attempts; ``gs``: ``requests_timeout``; ``az``:
+    ``connection_timeout`` and ``read_timeout``.
+
+    Args:
+        protocol: the URL scheme (``s3``, ``gs``, ``az``...); others are left alone.
+        storage_options: what the user configured (not modified).
+        timeout: seconds; ``None`` returns the options unchanged.
+    """
+    options = dict(storage_options or {})
+    if timeout is None:
+        return options
+    if protocol in ("s3", "s3a"):
+        config = dict(options.get("config_kwargs") or {})
+        config.setdefault("connect_timeout", timeout)
+        config.setdefault("read_timeout", timeout)
+        config.setdefault("retries", {"total_max_attempts": 2, "mode": "standard"})
+        options["config_kwargs"] = config
+    elif protocol in ("gs", "gcs"):
+        options.setdefault("requests_timeout", timeout)
+    elif protocol in ("az", "abfs", "abfss"):
+        options.setdefault("connection_timeout", timeout)
+        options.setdefault("read_timeout", timeout)
+    return options
+
+
+def _protocols(fs: Any) -> set[str]:
+    protocol = fs.protocol
+    return {protocol} if isinstance(protocol, str) else set(protocol)
+
+
+def _is_s3(fs: Any) -> bool:
+    return bool(_protocols(fs) & {"s3", "s3a"})
+
+
+def _is_object_store(fs: Any) -> bool:
+    return bool(_protocols(fs) & {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"})
 
 
 def staged_files(staged: str) -> dict[str, int]:

@@ -13,10 +13,18 @@ final model and optimizer state to ``--result`` for bitwise comparison.
 - ``in_validation``: SIGKILL during the second batch of epoch 2's validation;
 - ``during_save``: SIGKILL inside the save at update ``--at``, after the weights are
   written and before the commit marker;
-- ``sigterm``: SIGTERM at update ``--at`` (a preemption): the run checkpoints and exits.
+- ``sigterm``: SIGTERM at update ``--at`` (a preemption): the run checkpoints and exits;
+- ``sigterm_after_stop``: SIGTERM half a second after ``--stop-pid`` was stopped, when
+  training is blocked waiting for the stalled upload.
 
 ``--checkpoint-dir URL`` with ``--storage-options JSON`` saves to an object store
 (uploaded in the background) instead of ``PROJECT/checkpoints``.
+
+``--stop-pid PID --stop-at N`` sends SIGSTOP to process PID (an object-store server)
+just before the checkpoint ``step_N`` is saved, so its upload meets a stalled endpoint;
+``--storage-timeout`` and ``--retry-delays`` make such a stall fail fast.
+``--pause-at N`` writes ``PROJECT/paused`` at update N and then sleeps until killed
+(a run that holds its checkpoint directory).
 """
 
 from __future__ import annotations
@@ -26,6 +34,8 @@ import functools
 import json
 import os
 import signal
+import threading
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -39,6 +49,9 @@ from tests.conftest import ToySteps, make_loader, make_model
 class KillableTrainer(ToySteps, Trainer):
     kill: str | None = None
     at: int = -1
+    stop_pid: int | None = None
+    stop_at: int = -1
+    pause_at: int = -1
     _killed_validation: list = field(default_factory=list)
 
     def _die(self, signum=signal.SIGKILL):
@@ -47,6 +60,11 @@ class KillableTrainer(ToySteps, Trainer):
     def training_step(self, batch, batch_idx):
         accumulating = self.gradient_accumulation_steps > 1
         inside_update = batch_idx % self.gradient_accumulation_steps == 1 or not accumulating
+        if self.step == self.pause_at:
+            with open(os.path.join(self.project_dir, "paused"), "w") as f:
+                f.write(str(os.getpid()))
+            while True:
+                time.sleep(0.1)
         if self.step == self.at and inside_update:
             if self.kill == "mid_epoch":
                 self._die()
@@ -61,6 +79,11 @@ class KillableTrainer(ToySteps, Trainer):
         super().validation_step(batch, batch_idx)
 
     def save_checkpoint(self, name):
+        if self.stop_pid and name == f"step_{self.stop_at}":
+            self.wait_for_uploads()  # the checkpoints before it are committed
+            os.kill(self.stop_pid, signal.SIGSTOP)
+            if self.kill == "sigterm_after_stop":
+                threading.Timer(0.5, self._die, (signal.SIGTERM,)).start()
         saved = super().save_checkpoint(name)
         if self.kill == "after_checkpoint" and name == f"step_{self.at}":
             self._die()
@@ -84,7 +107,15 @@ def main(argv=None):
     parser.add_argument("--resume", default=None)
     parser.add_argument("--checkpoint-dir", default=None)
     parser.add_argument("--storage-options", type=json.loads, default=None)
+    parser.add_argument("--storage-timeout", type=float, default=None)
+    parser.add_argument("--retry-delays", default=None)
+    parser.add_argument("--stop-pid", type=int, default=None)
+    parser.add_argument("--stop-at", type=int, default=-1)
+    parser.add_argument("--pause-at", type=int, default=-1)
     args = parser.parse_args(argv)
+    if args.retry_delays is not None:
+        delays = tuple(float(d) for d in args.retry_delays.split(",") if d)
+        KillableTrainer.upload_retry_delays = delays
 
     torch.manual_seed(0)
     model = make_model(dropout=0.2)
@@ -109,6 +140,10 @@ def main(argv=None):
         resume_from_checkpoint=args.resume,
         kill=args.kill,
         at=args.at,
+        stop_pid=args.stop_pid,
+        stop_at=args.stop_at,
+        pause_at=args.pause_at,
+        **({"storage_timeout": args.storage_timeout} if args.storage_timeout else {}),
     )
     trainer.train(seed=0)
     torch.save(

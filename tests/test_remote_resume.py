@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import sys
 import pytest
 
 from accel_hydra.storage import CheckpointStore
+from tests.conftest import run_module
 from tests.storage_servers import free_port
 from tests.test_resume import REPO, assert_bitwise_equal, harness
 
@@ -123,3 +125,102 @@ def test_two_processes_and_two_machines_save_to_s3_and_resume_bitwise(tmp_path, 
     assert codes == [0, 0], stderr[-3000:]
     assert f"resumed from {bucket}/run/step_9" in stdout
     assert_bitwise_equal(tmp_path / "reference.pt", f"{tmp_path / 'result.pt'}.0")
+
+
+@pytest.fixture
+def stoppable_s3(tmp_path):
+    """A moto server for one test alone, which the test may freeze with SIGSTOP."""
+    from tests.storage_servers import moto_command, s3_backend, start_server
+
+    port = free_port()
+    server = start_server("s3", moto_command(port), port, str(tmp_path))
+    try:
+        yield server, s3_backend(port)
+    finally:
+        if server.process.poll() is None:
+            os.kill(server.process.pid, signal.SIGCONT)
+        server.stop()
+
+
+def stalled_harness(tmp_path, server, backend, url, *args):
+    """A run whose S3 server is stopped just before it saves ``step_6``.
+
+    ``storage_timeout=1`` and one retry after 0.2 s make the stall show within seconds;
+    stages go under ``tmp_path`` (``TMPDIR``) so the test can find and resume them.
+    """
+    tmp = tmp_path / "tmp"
+    tmp.mkdir(exist_ok=True)
+    return run_module(
+        "tests.resume_harness",
+        "--project",
+        tmp_path,
+        "--result",
+        tmp_path / "unused.pt",
+        "--checkpoint-dir",
+        url,
+        "--storage-options",
+        json.dumps(backend.storage_options),
+        "--storage-timeout",
+        1,
+        "--retry-delays",
+        "0.2",
+        "--stop-pid",
+        server.process.pid,
+        "--stop-at",
+        6,
+        *args,
+        env={"ACCELERATE_USE_CPU": "true", "TMPDIR": str(tmp)},
+        timeout=120,
+    )
+
+
+def kept_stage(stderr: str) -> str:
+    match = re.search(r"resume_from_checkpoint=(\S+?);", stderr)
+    assert match, stderr[-3000:]
+    return match.group(1)
+
+
+def test_stalled_endpoint_fails_the_upload_and_its_kept_stage_resumes(
+    tmp_path, stoppable_s3, reference
+):
+    server, s3 = stoppable_s3
+    url = s3.new_bucket() + "/run"
+
+    stalled = stalled_harness(tmp_path, server, s3, url)
+
+    assert stalled.returncode == 1, stalled.stderr[-3000:]
+    last = stalled.stderr.strip().splitlines()[-1]
+    assert f"CheckpointUploadError: upload of checkpoint {url}/step_6 failed 2 time(s)" in last
+    stage = kept_stage(last)
+    assert f"kept in {stage}" in last and stage.endswith("step_6")
+    os.kill(server.process.pid, signal.SIGCONT)
+    # Nothing committed was lost; the stalled checkpoint never counted.
+    store = CheckpointStore(url, s3.storage_options)
+    assert store.latest() == "step_3"
+    store.fetch("step_3")
+
+    resumed = remote_harness(tmp_path, s3, url, tmp_path / "result.pt", "--resume", stage)
+
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {stage} (epoch 0, step 6" in resumed.stdout
+    # The killed run could not remove its lease from the frozen server: taken over.
+    assert f"took over the lease of {url}" in resumed.stderr
+    assert_bitwise_equal(reference, tmp_path / "result.pt")
+
+
+def test_sigterm_while_waiting_for_a_stalled_upload_exits_143_naming_url_and_stage(
+    tmp_path, stoppable_s3
+):
+    server, s3 = stoppable_s3
+    url = s3.new_bucket() + "/run"
+
+    stopped = stalled_harness(tmp_path, server, s3, url, "--kill", "sigterm_after_stop")
+
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
+    said = [line for line in stopped.stderr.splitlines() if "interrupted by SIGTERM" in line]
+    assert len(said) == 1, stopped.stderr[-3000:]
+    assert f"upload of checkpoint {url}/step_6 did not finish" in said[0]
+    stage = kept_stage(said[0])
+    # The kept stage is a whole checkpoint: marker written, every file it lists there.
+    parent, name = os.path.split(stage)
+    assert CheckpointStore(parent).fetch(name) == stage

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -159,3 +162,42 @@ def test_two_kills_two_resumes(tmp_path, reference):
         "resumed from" in resumed.stdout and "step_6 (epoch 1, step 6, batch 6)" in resumed.stdout
     )
     assert_bitwise_equal(tmp_path / "result.pt", reference(3))
+
+
+def test_second_run_on_a_directory_fails_naming_the_first_then_resume_after_sigkill(
+    tmp_path, reference
+):
+    checkpoints = str(tmp_path / "shared_checkpoints")
+    first_dir, second_dir = tmp_path / "first", tmp_path / "second"
+    first = subprocess.Popen(
+        [sys.executable, "-m", "tests.resume_harness", "--project", str(first_dir), "--result",
+         str(first_dir / "unused.pt"), "--checkpoint-dir", checkpoints, "--pause-at", "5"],
+        cwd=REPO,
+        env={**os.environ, "ACCELERATE_USE_CPU": "true"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not (first_dir / "paused").exists():
+            assert first.poll() is None and time.monotonic() < deadline, "first run never paused"
+            time.sleep(0.1)
+
+        second = harness(second_dir, second_dir / "unused.pt", "--checkpoint-dir", checkpoints)
+
+        assert second.returncode != 0
+        last = second.stderr.strip().splitlines()[-1]
+        assert f"checkpoint_dir {checkpoints} is in use by pid {first.pid} on host " in last
+        assert not (second_dir / "logs").exists() or not any((second_dir / "logs").iterdir())
+    finally:
+        first.kill()
+        first.wait()
+
+    resumed = harness(
+        second_dir, second_dir / "result.pt", "--checkpoint-dir", checkpoints, "--resume", "latest"
+    )
+
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"took over the lock of {checkpoints} left by pid {first.pid}" in resumed.stderr
+    assert f"resumed from {checkpoints}/step_3 " in resumed.stdout
+    assert_bitwise_equal(second_dir / "result.pt", reference(1))

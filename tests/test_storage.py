@@ -11,6 +11,8 @@ from accel_hydra.storage import (
     CheckpointCorruptError,
     CheckpointNotFoundError,
     CheckpointStore,
+    MissingBucketError,
+    bounded_storage_options,
     staged_records,
 )
 
@@ -170,3 +172,34 @@ def test_quarantine_on_an_object_store_keeps_the_bytes_aside(tmp_path, backend):
     assert store.fs.cat_file(f"{hidden}/model.bin") == b"damaged"
     assert store.fs.exists(f"{hidden}/{MARKER}")
     assert not store.fs.exists(store.path("step_2"))
+
+
+def test_missing_bucket_is_named_at_once(backend):
+    missing = f"{backend.protocol}://no-such-{uuid.uuid4().hex[:8]}/run"
+    store = CheckpointStore(missing, backend.storage_options, timeout=10)
+    with pytest.raises(MissingBucketError) as err:
+        store.check_bucket()
+    kind = "container" if backend.name == "azure" else "bucket"
+    assert str(err.value) == (
+        f"checkpoint_dir {missing}: {kind} '{missing.split('/')[2]}' does not exist; "
+        "create it, or fix the URL in checkpoint_dir"
+    )
+    CheckpointStore(backend.new_bucket() + "/run", backend.storage_options).check_bucket()
+
+
+def test_timeouts_are_added_without_overriding_the_users_options():
+    user = {"key": "k", "config_kwargs": {"read_timeout": 5}}
+    s3 = bounded_storage_options("s3", user, 30)
+    assert s3["config_kwargs"] == {
+        "read_timeout": 5,
+        "connect_timeout": 30,
+        "retries": {"total_max_attempts": 2, "mode": "standard"},
+    }
+    assert user == {"key": "k", "config_kwargs": {"read_timeout": 5}}  # not modified
+    assert bounded_storage_options("gs", {}, 30) == {"requests_timeout": 30}
+    assert bounded_storage_options("az", {"read_timeout": 9}, 30) == {
+        "read_timeout": 9,
+        "connection_timeout": 30,
+    }
+    assert bounded_storage_options("file", {}, 30) == {}
+    assert bounded_storage_options("s3", user, None) == user

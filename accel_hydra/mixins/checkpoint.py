@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
+import sys
+import time
+import uuid
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from accelerate.utils import broadcast_object_list, gather_object
 
 from accel_hydra.mixins.monitoring import MetricMonitoringMixin
+from accel_hydra.preemption import PreemptionGuard, TrainingInterrupted
 from accel_hydra.redaction import redact
 from accel_hydra.retention import checkpoint_order, checkpoints_to_prune
+from accel_hydra.run_lock import DEFAULT_LEASE_SECONDS, LocalRunLock, RemoteLease
 from accel_hydra.safe_state import (
     UnsafeCheckpointError,
     check_code_free,
@@ -21,8 +28,13 @@ from accel_hydra.safe_state import (
     save_object_state,
     save_trainer_state,
 )
-from accel_hydra.storage import CheckpointCorruptError, CheckpointNotFoundError, CheckpointStore
-from accel_hydra.uploader import BackgroundUploader, CheckpointUploadError
+from accel_hydra.storage import (
+    DEFAULT_STORAGE_TIMEOUT,
+    CheckpointCorruptError,
+    CheckpointNotFoundError,
+    CheckpointStore,
+)
+from accel_hydra.uploader import BackgroundUploader, CheckpointUploadError, UploadProgress
 
 __all__ = ["CheckpointMixin", "TRAINER_STATE_FILE", "object_state_file"]
 
@@ -68,6 +80,14 @@ class CheckpointMixin(MetricMonitoringMixin):
             one before it returns, also after an error or a preemption. A failed
             upload is retried (:attr:`upload_retry_delays`), then raised naming the URL.
             Ignored for local paths, which are committed by a rename.
+        storage_timeout: seconds one request to a remote ``checkpoint_dir`` may wait
+            for the server (to connect, or for the next bytes of an answer) before it
+            fails; a request is tried twice. An upload that makes no progress for
+            4 x ``storage_timeout`` is given up. After SIGTERM/SIGINT the run waits at
+            most ``storage_timeout`` more for an upload in flight, then exits with
+            ``128 + signal``, keeping the stage as a resumable checkpoint. Set in
+            ``storage_options`` to override per backend; ``None`` keeps the
+            filesystem's own (unbounded) defaults.
 
     Attributes:
         best_checkpoint: where the ``best`` checkpoint was last saved, or ``None``.
@@ -82,9 +102,12 @@ class CheckpointMixin(MetricMonitoringMixin):
     permanent_save_every_n_steps: int | None = None
     resume_from_checkpoint: str | None = None
     async_upload: bool = True
+    storage_timeout: float | None = DEFAULT_STORAGE_TIMEOUT
 
     #: Seconds between the attempts of a failed upload (one retry per entry).
     upload_retry_delays: ClassVar[tuple[float, ...]] = (1.0, 4.0, 16.0)
+    #: Seconds a remote run lock (lease) lives without renewal; renewed every quarter.
+    lease_seconds: ClassVar[float] = DEFAULT_LEASE_SECONDS
 
     @property
     def checkpoint_objects(self) -> list[Any]:
@@ -106,15 +129,24 @@ class CheckpointMixin(MetricMonitoringMixin):
                 raise ValueError(f"{name} must be >= 1 or None, got {value}")
         if self.save_last_k is not None and self.save_last_k < 1:
             raise ValueError(f"save_last_k must be >= 1 or None, got {self.save_last_k}")
+        if self.storage_timeout is not None and not self.storage_timeout > 0:
+            raise ValueError(
+                f"storage_timeout must be > 0 seconds or None, got {self.storage_timeout}"
+            )
         if self.checkpoint_dir is None:
             self.checkpoint_dir = os.path.join(self.project_dir, "checkpoints")
         self.checkpoint_dir = str(self.checkpoint_dir)
-        self.checkpoint_store = CheckpointStore(self.checkpoint_dir, self.storage_options)
+        self.checkpoint_store = CheckpointStore(
+            self.checkpoint_dir, self.storage_options, timeout=self.storage_timeout
+        )
         self.best_checkpoint: str | None = None
         self.resumed_from: str | None = None
         self._last_saved: tuple[int, int, int] | None = None
         self._last_saved_name: str | None = None
-        self._uploader = BackgroundUploader(self.upload_retry_delays)
+        stall = 4 * self.storage_timeout if self.storage_timeout else None
+        self._uploader = BackgroundUploader(self.upload_retry_delays, stall_timeout=stall)
+        self._run_lock: LocalRunLock | RemoteLease | None = None
+        self._interrupting = False
 
     # ----------------------------------------------------------------- saving
 
@@ -147,12 +179,17 @@ class CheckpointMixin(MetricMonitoringMixin):
             self._upload_from_every_machine(name, staged, info)
         elif store.is_remote:
             if accelerator.is_main_process:
+                # Sealed, the stage is a checkpoint of its own if the upload fails.
+                store.seal(staged, info)
+                progress = UploadProgress()
                 self._uploader.submit(
-                    lambda: store.commit(name, staged, info),
-                    store.display(name),
-                    on_failure=f"Its files are kept in {staged}; check the URL, credentials "
-                    "and storage_options.",
+                    lambda: store.commit(name, staged, info, callback=progress),
+                    redact(store.display(name)),
+                    on_failure=f"Its files are kept in {staged}, a complete checkpoint: "
+                    f"resume with resume_from_checkpoint={staged}; check the URL, "
+                    "credentials and storage_options.",
                     after=lambda: self._prune(newest=name),
+                    progress=progress,
                 )
             if not self.async_upload:  # the same upload and retries, waited for here
                 self._wait_for_uploads_on_every_process()
@@ -168,26 +205,79 @@ class CheckpointMixin(MetricMonitoringMixin):
     def wait_for_uploads(self) -> None:
         """Block until the checkpoint upload in flight is committed (main process).
 
+        The wait is bounded (see ``storage_timeout``) and gives way to SIGTERM/SIGINT.
+
         Raises:
-            CheckpointUploadError: it failed after every retry.
+            CheckpointUploadError: it failed after every retry, or stalled.
+            TrainingInterrupted: a signal arrived and the upload did not finish within
+                ``storage_timeout`` after it.
         """
         if self.accelerator.is_main_process:
-            self._uploader.wait()
+            self._wait_for_upload()
+
+    def _wait_for_upload(self) -> None:
+        """Wait for the upload in flight; after a signal, at most ``storage_timeout``.
+
+        A signal arriving meanwhile is recorded here and handed on afterwards, to the
+        loop's own handler (a preemption) or Python's default.
+        """
+        guard = PreemptionGuard()
+        grace = self.storage_timeout or DEFAULT_STORAGE_TIMEOUT
+        signalled_at: list[float] = []
+
+        def give_up() -> str | None:
+            signum = self._pending_signal(guard)
+            if signum is None:
+                return None
+            if not signalled_at:
+                signalled_at.append(time.monotonic())
+            if time.monotonic() - signalled_at[0] < grace:
+                return None
+            return f"interrupted by {signal.Signals(signum).name}, it got {grace:g} s more"
+
+        with guard:
+            try:
+                self._uploader.wait(give_up)
+            except CheckpointUploadError as err:
+                signum = self._pending_signal(guard)
+                if signum is None:
+                    raise
+                message = f"accel_hydra: interrupted by {signal.Signals(signum).name}; {err}"
+                print(message, file=sys.stderr, flush=True)
+                raise TrainingInterrupted(signum, message) from err
+        if guard.signal_number is not None:
+            signal.raise_signal(guard.signal_number)
+
+    def _pending_signal(self, guard: PreemptionGuard) -> int | None:
+        """The signal that asks the run to stop: seen during this wait, or the one
+        being handled (a preemption save), or None."""
+        if guard.signal_number is not None:
+            return guard.signal_number
+        if not self._interrupting:
+            return None
+        # The loop's guard knows which signal started the preemption save.
+        preemption = getattr(self, "_preemption", None)
+        return getattr(preemption, "signal_number", None) or signal.SIGTERM
 
     def _wait_for_uploads_on_every_process(self) -> None:
         """Like :meth:`wait_for_uploads`, but a failure stops every process, not only
         the main one that ran the upload (the others would wait for it forever)."""
-        error = message = None
+        error = outcome = None
         if self.accelerator.is_main_process:
             try:
-                self._uploader.wait()
+                self._wait_for_upload()
+            except TrainingInterrupted as err:
+                error, outcome = err, (err.signal_number, err.message)
             except CheckpointUploadError as err:
-                error, message = err, str(err)
+                error, outcome = err, (0, str(err))
         if self.accelerator.num_processes > 1:
-            message = broadcast_object_list([message])[0]
+            outcome = broadcast_object_list([outcome])[0]
         if error is not None:
             raise error
-        if message is not None:
+        if outcome is not None:
+            signum, message = outcome
+            if signum:
+                raise TrainingInterrupted(signum, message)
             raise CheckpointUploadError(message)
 
     def _stages_per_machine(self) -> bool:
@@ -229,6 +319,8 @@ class CheckpointMixin(MetricMonitoringMixin):
 
     def _on_interrupt(self) -> str | None:
         super()._on_interrupt()
+        # From here on, waits for an upload are bounded by the grace period.
+        self._interrupting = True
         if self._last_saved != self._progress():
             name = f"step_{self.step}"
             if not self.save_checkpoint(name):
@@ -257,7 +349,15 @@ class CheckpointMixin(MetricMonitoringMixin):
     # ----------------------------------------------------------------- resuming
 
     def _after_prepare(self) -> None:
-        super()._after_prepare()
+        self._interrupting = False
+        # The lock comes before the other mixins' set-up: a run refused at start must
+        # leave no trace (log files, stages) beside the run that holds the directory.
+        try:
+            self._take_checkpoint_dir()
+            super()._after_prepare()
+        except BaseException:
+            self._release_run_lock()
+            raise
         for index, obj in enumerate(self.checkpoint_objects):
             if not (
                 callable(getattr(obj, "state_dict", None))
@@ -267,19 +367,71 @@ class CheckpointMixin(MetricMonitoringMixin):
                     f"checkpoint_objects[{index}] ({type(obj).__name__}) has no "
                     "state_dict()/load_state_dict(); only such objects can be checkpointed"
                 )
-        if self.accelerator.is_main_process:
-            self.checkpoint_store.recover()
-        self.accelerator.wait_for_everyone()
+
+    def _take_checkpoint_dir(self) -> None:
+        """Check the store, take its run lock, then finish interrupted saves.
+
+        Only the main process touches the store; the others learn the outcome (and the
+        run id that names this run's stages) from it, so every process fails alike.
+        """
+        accelerator, store = self.accelerator, self.checkpoint_store
+        outcome: tuple[str | None, str | None] = (None, None)
+        if accelerator.is_main_process:
+            run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+            try:
+                store.check_bucket()
+                if store.is_local:
+                    self._run_lock = LocalRunLock(store.root, run_id)
+                else:
+                    where = redact(store.display())
+                    self._run_lock = RemoteLease(
+                        store.fs, store.root, where, run_id, self.lease_seconds
+                    )
+                notice = self._run_lock.acquire()
+                if notice:
+                    print(notice, file=sys.stderr, flush=True)
+                # Only with the lock held: every stage left is then a dead run's.
+                store.recover()
+                outcome = (run_id, None)
+            except Exception as err:
+                self._run_lock = None
+                outcome = (None, str(err))
+                if accelerator.num_processes == 1:
+                    raise
+                error = err
+        if accelerator.num_processes > 1:
+            outcome = broadcast_object_list([outcome])[0]
+        run_id, message = outcome
+        if message is not None:
+            if accelerator.is_main_process:
+                raise error
+            raise RuntimeError(message)
+        store.run_id = run_id
+
+    def _release_run_lock(self) -> None:
+        lock, self._run_lock = self._run_lock, None
+        if lock is not None:
+            lock.release()
+        store = self.checkpoint_store
+        if store.is_remote and store.run_id and self.accelerator.is_local_main_process:
+            # This run's stage directory, unless a failed upload kept a stage in it.
+            with contextlib.suppress(OSError):
+                os.rmdir(store.staging_root)
 
     def _restore(self) -> None:
-        super()._restore()
-        target = self.resume_from_checkpoint
-        if not target:
-            return
-        if target == "latest":
-            self._restore_latest()
-        else:
-            self._restore_from(*self._resolve_resume_target(target))
+        try:
+            super()._restore()
+            target = self.resume_from_checkpoint
+            if not target:
+                return
+            if target == "latest":
+                self._restore_latest()
+            else:
+                self._restore_from(*self._resolve_resume_target(target))
+        except BaseException:
+            # train() calls _after_train only once training began: let go here.
+            self._release_run_lock()
+            raise
 
     def _restore_latest(self) -> None:
         """Resume from the newest committed checkpoint that loads, skipping damaged ones."""
@@ -331,7 +483,10 @@ class CheckpointMixin(MetricMonitoringMixin):
         try:
             self.wait_for_uploads()
         finally:
-            super()._after_train()
+            try:
+                self._release_run_lock()
+            finally:
+                super()._after_train()
 
     def _restore_from(self, store: CheckpointStore, name: str) -> None:
         local = self._fetch_verified(store, name)
@@ -375,7 +530,7 @@ class CheckpointMixin(MetricMonitoringMixin):
         if "/" not in target and os.sep not in target:
             return self.checkpoint_store, target
         parent, _, name = target.rstrip("/").rpartition("/")
-        return CheckpointStore(parent or ".", self.storage_options), name
+        return CheckpointStore(parent or ".", self.storage_options, self.storage_timeout), name
 
     def load_checkpoint(self, local_dir: str, label: str | None = None) -> None:
         """Restore the full training state from a local checkpoint directory.

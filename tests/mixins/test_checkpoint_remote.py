@@ -17,7 +17,7 @@ from fsspec.implementations.memory import MemoryFileSystem
 
 from accel_hydra import MetricMonitor
 from accel_hydra.mixins.checkpoint import TRAINER_STATE_FILE
-from accel_hydra.storage import CheckpointStore
+from accel_hydra.storage import CheckpointStore, MissingBucketError
 from accel_hydra.uploader import CheckpointUploadError
 from tests.conftest import ToyTrainer, trainer_kwargs
 
@@ -76,10 +76,20 @@ def test_training_continues_while_a_checkpoint_uploads(tmp_path):
     assert set(trainer.checkpoint_store.committed()) >= {"step_24", "epoch_2", "step_4"}
 
 
+@dataclass(kw_only=True, eq=False)
+class BucketDroppingTrainer(WatchedTrainer):
+    """Deletes its bucket after the first update: every upload is then refused."""
+
+    def _after_update(self):
+        if self.step == 1:
+            self.checkpoint_store.fs.rm(self.checkpoint_store.root.split("/")[0], recursive=True)
+        super()._after_update()
+
+
 @pytest.mark.parametrize("async_upload, stopped_at", [(True, 8), (False, 4)])
 def test_refused_upload_names_the_url_and_keeps_the_stage(tmp_path, s3, async_upload, stopped_at):
-    url = f"s3://no-such-bucket-{uuid.uuid4().hex[:8]}/run"
-    trainer = WatchedTrainer(
+    url = s3.new_bucket() + "/run"
+    trainer = BucketDroppingTrainer(
         **trainer_kwargs(tmp_path),
         checkpoint_dir=url,
         storage_options=s3.storage_options,
@@ -180,3 +190,18 @@ def _stage(path) -> str:
     with open(os.path.join(path, "model.bin"), "w") as f:
         f.write("someone else's weights")
     return str(path)
+
+
+def test_missing_bucket_stops_the_run_before_training(tmp_path, s3, capsys):
+    url = f"s3://no-such-bucket-{uuid.uuid4().hex[:8]}/run"
+    trainer = ToyTrainer(
+        **trainer_kwargs(tmp_path),
+        checkpoint_dir=url,
+        storage_options=s3.storage_options,
+        resume_from_checkpoint="latest",
+    )
+    with pytest.raises(MissingBucketError) as err:
+        trainer.train(seed=0)
+    assert str(err.value).startswith(f"checkpoint_dir {url}: bucket 'no-such-bucket-")
+    assert trainer.step == 0
+    assert "starting fresh" not in capsys.readouterr().out
