@@ -285,7 +285,14 @@ class RemoteLease:
         self._me = None
 
     def _write(self) -> None:
-        self.fs.pipe_file(self.path, self._me.to_json().encode())
+        data = self._me.to_json().encode()
+        try:
+            self.fs.pipe_file(self.path, data)
+        except Exception:
+            # Object stores need no directories; hierarchical ones (FTP, SFTP) do, and
+            # checkpoint_dir may not exist yet at the start of a run.
+            self.fs.makedirs(self.path.rsplit("/", 1)[0], exist_ok=True)
+            self.fs.pipe_file(self.path, data)
 
     def _renew(self) -> None:
         while not self._stop.wait(self.lease_seconds / 4):
