@@ -99,7 +99,8 @@ def parse_marker(raw: bytes) -> dict[str, Any]:
     Returns:
         ``step``, ``epoch``, ``batches_in_epoch`` (ints; 0 when absent), ``checksum``,
         ``files`` (relative name -> ``{"size": int, "hash": str}``) and any extra
-        field whose value is a short JSON scalar.
+        field whose value is a short JSON scalar. A marker of accel_hydra 0.1 (sizes
+        only, no ``checksum``) gives ``checksum`` None and every ``hash`` None.
 
     Raises:
         MarkerError: the bytes are not such a marker; the message says what is wrong.
@@ -122,12 +123,22 @@ def parse_marker(raw: bytes) -> dict[str, Any]:
         if value is None:
             raise MarkerError(f"the marker has no {key!r}")
         parsed[key] = _count(key, value, _MAX_COUNT)
-    if record.get("checksum") != CHECKSUM:
+    if "checksum" not in record and _is_size_only(record.get("files")):
+        # Written by accel_hydra 0.1, before checksums: sizes only. Still a checkpoint
+        # (an upgrade must not turn every saved run into "damaged"); it is verified by
+        # size, and hashes could be forged by whoever can write the marker anyway.
+        parsed["checksum"] = None
+        parsed["files"] = _files(
+            {rel: {"size": size, "hash": None} for rel, size in record["files"].items()},
+            size_only=True,
+        )
+    elif record.get("checksum") != CHECKSUM:
         raise MarkerError(
             f"the marker's checksum is {_short(record.get('checksum'))}, not {CHECKSUM!r}"
         )
-    parsed["checksum"] = CHECKSUM
-    parsed["files"] = _files(record.get("files"))
+    else:
+        parsed["checksum"] = CHECKSUM
+        parsed["files"] = _files(record.get("files"))
     for key, value in record.items():
         if key in parsed:
             continue
@@ -137,7 +148,15 @@ def parse_marker(raw: bytes) -> dict[str, Any]:
     return parsed
 
 
-def _files(files: Any) -> dict[str, dict[str, Any]]:
+def _is_size_only(files: Any) -> bool:
+    return (
+        isinstance(files, dict)
+        and bool(files)
+        and all(type(size) is int for size in files.values())
+    )
+
+
+def _files(files: Any, size_only: bool = False) -> dict[str, dict[str, Any]]:
     if not isinstance(files, dict):
         raise MarkerError(f"the marker's 'files' is {_short(files)}, not an object")
     if not 0 < len(files) <= _MAX_FILES:
@@ -148,7 +167,7 @@ def _files(files: Any) -> dict[str, dict[str, Any]]:
         if not isinstance(record, dict) or set(record) != {"size", "hash"}:
             raise MarkerError(f"the record of {rel} is {_short(record)}, not {{size, hash}}")
         digest = record["hash"]
-        if not (
+        if not size_only and not (
             isinstance(digest, str)
             and len(digest) == CHECKSUM_HEX_DIGITS
             and all(c in "0123456789abcdef" for c in digest)

@@ -203,3 +203,17 @@ def test_timeouts_are_added_without_overriding_the_users_options():
     }
     assert bounded_storage_options("file", {}, 30) == {}
     assert bounded_storage_options("s3", user, None) == user
+
+
+def test_a_checkpoint_of_the_previous_release_still_resumes(tmp_path):
+    """Markers written before checksums (sizes only) are verified by size, not damaged."""
+    store = CheckpointStore(str(tmp_path))
+    (tmp_path / "step_4").mkdir()
+    (tmp_path / "step_4" / "model.bin").write_bytes(b"weights")
+    legacy = {"step": 4, "epoch": 0, "batches_in_epoch": 4, "files": {"model.bin": 7}}
+    (tmp_path / "step_4" / MARKER).write_text(json.dumps(legacy))
+    assert store.latest() == "step_4"
+    assert store.fetch("step_4") == store.path("step_4")
+    (tmp_path / "step_4" / "model.bin").write_bytes(b"weight")  # the size still counts
+    with pytest.raises(CheckpointCorruptError, match="model.bin has 6 bytes, not 7"):
+        store.fetch("step_4")
