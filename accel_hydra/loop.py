@@ -52,9 +52,13 @@ from accel_hydra.console import EpochProgress, format_summary
 from accel_hydra.direct_updates import direct_updates_are_exact
 from accel_hydra.distributed import launched_without_gpus
 from accel_hydra.preemption import PreemptionGuard, TrainingInterrupted
+from accel_hydra.progress import Progress
 from accel_hydra.rng import capture_rng_state, restore_rng_state
 
 __all__ = ["LoopBase"]
+
+#: What ``next`` returns when a dataloader without ``len()`` runs out inside an epoch.
+_EXHAUSTED = object()
 
 
 @dataclass(kw_only=True, eq=False)
@@ -123,24 +127,41 @@ class LoopBase(ABC):
             raise ValueError(f"epoch_length must be >= 1 or None, got {self.epoch_length}")
         self.project_dir = str(self.project_dir)
         self.accelerator: Accelerator | None = None
-        self.step = 0
-        self.epoch = 0
+        self.progress = Progress()
         self.should_stop_training = False
         self.val_metrics: dict[str, Any] = {}
         self.last_loss: float | None = None
+        self.last_grad_norm: torch.Tensor | None = None
         self.updates_per_epoch = 0
-        self._batches_in_epoch = 0
-        self._epoch_batches_total = 0
+        self.pending_loss_sum: torch.Tensor | None = None
+        self.pending_loss_count = 0
+        self.samples_per_second: float | None = None
+        self.single_process = True
+        self.direct_updates = False
         self._truncated_epoch = False
-        self._pending_loss_sum: torch.Tensor | None = None
-        self._pending_loss_count = 0
-        self._samples_per_second: float | None = None
         self._throughput_mark = (0.0, 0)
         self._rng_after_restore: dict[str, Any] | None = None
         self._preemption = PreemptionGuard()
-        self._direct_updates = False
-        self._single_process = True
         self._stepped_optimizer: Any = None
+        self._train_called = False
+
+    @property
+    def step(self) -> int:
+        """Optimizer updates done so far, global: ``self.progress.step``."""
+        return self.progress.step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.progress.step = value
+
+    @property
+    def epoch(self) -> int:
+        """Epochs completed so far: ``self.progress.epoch``."""
+        return self.progress.epoch
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self.progress.epoch = value
 
     # ------------------------------------------------------------------ user API
 
@@ -256,16 +277,16 @@ class LoopBase(ABC):
         self.model, self.optimizer, self.train_dataloader = prepared[:3]
         if self.val_dataloader is not None:
             self.val_dataloader = prepared[3]
-        self._single_process = self.accelerator.num_processes == 1
+        self.single_process = self.accelerator.num_processes == 1
         self._size_epochs()
-        self._direct_updates = self._allow_direct_updates and direct_updates_are_exact(
+        self.direct_updates = self._allow_direct_updates and direct_updates_are_exact(
             self.accelerator, self.optimizer, self.gradient_accumulation_steps
         )
         # The loop steps the wrapped optimizer itself when Accelerate's wrapper adds nothing.
         self._stepped_optimizer = (
-            self.optimizer.optimizer if self._direct_updates else self.optimizer
+            self.optimizer.optimizer if self.direct_updates else self.optimizer
         )
-        self._pending_loss_sum = torch.zeros((), device=self.accelerator.device)
+        self.pending_loss_sum = torch.zeros((), device=self.accelerator.device)
         self._after_prepare()
 
     def _size_epochs(self) -> None:
@@ -286,49 +307,45 @@ class LoopBase(ABC):
                 f"epoch_length={self.epoch_length} exceeds the {available} batches this "
                 "process's train_dataloader yields; lower epoch_length or leave it unset"
             )
-        self._epoch_batches_total = self.epoch_length or available
-        if self.accelerator.num_processes > 1 and self._epoch_batches_total is not None:
+        total = self.epoch_length or available
+        if self.accelerator.num_processes > 1:
             # Uneven shards (even_batches=False): every process must run the same number
             # of updates, or the gradient all-reduce of the longest one waits forever.
-            counts = self.accelerator.gather(
-                torch.tensor([self._epoch_batches_total], device=self.accelerator.device)
-            )
-            self._epoch_batches_total = int(counts.min().item())
+            counts = self.accelerator.gather(torch.tensor([total], device=self.accelerator.device))
+            total = int(counts.min().item())
+        self.progress.epoch_batches = total
         # A cut-short epoch never reaches the dataloader's end, where Accelerate would
         # flush a partial accumulation; the loop forces that update itself instead.
-        self._truncated_epoch = available is None or self._epoch_batches_total < available
-        self.updates_per_epoch = math.ceil(
-            self._epoch_batches_total / self.gradient_accumulation_steps
-        )
+        self._truncated_epoch = available is None or total < available
+        self.updates_per_epoch = math.ceil(total / self.gradient_accumulation_steps)
 
     def _run_epoch(self) -> None:
         self.on_train_epoch_start()
         self.model.train()
-        start = self._batches_in_epoch
-        progress = EpochProgress(
+        progress = self.progress
+        bar = EpochProgress(
             enabled=self.progress_bar and self.accelerator.is_main_process,
-            total=self._epoch_batches_total,
-            initial=start,
-            epoch=self.epoch,
+            total=progress.epoch_batches,
+            initial=progress.batch,
+            epoch=progress.epoch,
             epochs=self.epochs,
         )
         try:
-            for batch_idx, batch in self._epoch_batches(start):
+            for batch_idx, batch in self._epoch_batches():
                 self._train_batch(batch, batch_idx)
-                progress.advance()
-                if self._pending_loss_count == 0:  # the loss was read on this update
-                    progress.show(self._progress_values())
+                bar.advance()
+                if self.pending_loss_count == 0:  # the loss was read on this update
+                    bar.show(self._progress_values())
                 if self.should_stop_training:
                     break
         finally:
-            progress.close()
+            bar.close()
         self._read_loss()
         if self.should_stop_training:  # asked for during the batches: skip epoch-end work
             self.on_train_epoch_end()
             return
         metrics = self._validate() if self.val_dataloader is not None else {}
-        self.epoch += 1
-        self._batches_in_epoch = 0
+        progress.finish_epoch()
         if self.val_dataloader is not None:
             self._after_validation(metrics)
         self._epoch_end_schedule(metrics)
@@ -338,43 +355,55 @@ class LoopBase(ABC):
             self._stop_for_interrupt()
         self.on_train_epoch_end()
 
-    def _epoch_batches(self, start: int) -> Iterator[tuple[int, Any]]:
-        """Yield ``(batch_idx, batch)`` for this epoch, skipping ``start`` batches by index.
+    def _epoch_batches(self) -> Iterator[tuple[int, Any]]:
+        """Yield ``(batch_idx, batch)`` for the rest of this epoch, from ``progress.batch``.
 
-        The epoch number seeds the sampler, so epoch ``e`` sees the same order whether
-        or not the process restarted; a mid-epoch resume skips sampler indices, it does
-        not load and discard the skipped batches.
+        "Is the epoch done?" is asked before every fetch, never after: a run resumed
+        from a checkpoint taken on the epoch's last batch fetches nothing, and a
+        dataloader longer than the epoch is never read past it. The epoch number seeds
+        the sampler, so epoch ``e`` sees the same order whether or not the process
+        restarted; a mid-epoch resume skips sampler indices, it does not load and
+        discard the skipped batches.
         """
+        progress = self.progress
+        start, total = progress.batch, progress.epoch_batches
         loader = self.train_dataloader
         if hasattr(loader, "set_epoch"):
-            loader.set_epoch(self.epoch)
+            loader.set_epoch(progress.epoch)
+        if progress.epoch_done():
+            self._restore_rng_after_resume()
+            return
         if start:
             loader = self.accelerator.skip_first_batches(loader, start)
             if hasattr(loader, "set_epoch"):
-                loader.set_epoch(self.epoch)
-        batches = enumerate(loader, start=start)
-        first = next(batches, None)
+                loader.set_epoch(progress.epoch)
+        batches = iter(loader)
+        batch_idx = start
+        # Progress.epoch_done() inlined: this test runs once per batch.
+        while batch_idx < total:
+            batch = next(batches, _EXHAUSTED)
+            if self._rng_after_restore is not None:
+                # Creating the skipping iterator drew from the RNGs; the original run
+                # had drawn that before its checkpoint, so put the saved state back.
+                self._restore_rng_after_resume()
+            if batch is _EXHAUSTED:  # a dataloader without len() ended early
+                return
+            yield batch_idx, batch
+            batch_idx += 1
+
+    def _restore_rng_after_resume(self) -> None:
         if self._rng_after_restore is not None:
             restore_rng_state(self._rng_after_restore)
             self._rng_after_restore = None
-        if first is None:
-            return
-        yield first
-        if first[0] + 1 >= self._epoch_batches_total:
-            return
-        for batch_idx, batch in batches:
-            yield batch_idx, batch
-            if batch_idx + 1 >= self._epoch_batches_total:
-                return
 
     def _train_batch(self, batch: Any, batch_idx: int) -> None:
-        if self._direct_updates:
+        if self.direct_updates:
             sync = self._direct_sync(batch_idx)
             self._forward_backward(batch, batch_idx)
             applied = sync and self._apply_update()
         else:
             accelerator = self.accelerator
-            if self._truncated_epoch and batch_idx + 1 == self._epoch_batches_total:
+            if self._truncated_epoch and batch_idx + 1 == self.progress.epoch_batches:
                 # Make accumulate() sync on this batch, as it would at a dataloader's end.
                 accelerator.step = self.gradient_accumulation_steps - 1
             with accelerator.accumulate(self.model):
@@ -383,22 +412,26 @@ class LoopBase(ABC):
                 applied = sync and self._apply_update()
         if sync and not applied:
             return  # vetoed (NaN guard): the bad update never reached the parameters
-        self._batches_in_epoch = batch_idx + 1
-        if sync:
-            self.step += 1
-            self._after_optimizer_step()
-            logging_step = self._is_logging_step()
-            if logging_step:
-                self._read_loss()
-            self._after_update()
-            if self._interrupt_requested(sync_point=logging_step):
-                self._stop_for_interrupt()
+        progress = self.progress
+        progress.batch = batch_idx + 1
+        if not sync:
+            progress.accumulated += 1
+            return
+        progress.accumulated = 0
+        progress.step += 1
+        self._after_optimizer_step()
+        logging_step = self._is_logging_step()
+        if logging_step:
+            self._read_loss()
+        self._after_update()
+        if self._interrupt_requested(sync_point=logging_step):
+            self._stop_for_interrupt()
 
     def _forward_backward(self, batch: Any, batch_idx: int) -> None:
         loss = self.training_step(batch, batch_idx)
-        self._pending_loss_sum += loss.detach()
-        self._pending_loss_count += 1
-        if not self._direct_updates:
+        self.pending_loss_sum += loss.detach()
+        self.pending_loss_count += 1
+        if not self.direct_updates:
             self.accelerator.backward(loss)
         elif self.gradient_accumulation_steps > 1:
             (loss / self.gradient_accumulation_steps).backward()
@@ -411,7 +444,7 @@ class LoopBase(ABC):
         ``sync_gradients`` and ``accelerator.step`` (saved in checkpoints) are set to
         the values Accelerate would have given them."""
         accelerator = self.accelerator
-        if batch_idx + 1 == self._epoch_batches_total:
+        if batch_idx + 1 == self.progress.epoch_batches:
             accelerator.step = 0
             sync = True
         else:
@@ -433,7 +466,7 @@ class LoopBase(ABC):
 
     def _optimizer_step_was_skipped(self) -> bool:
         """Whether the grad scaler skipped the last update (inf/NaN fp16 gradients)."""
-        return not self._direct_updates and self.accelerator.optimizer_step_was_skipped
+        return not self.direct_updates and self.accelerator.optimizer_step_was_skipped
 
     def _validate(self) -> dict[str, Any]:
         self.model.eval()
@@ -476,15 +509,15 @@ class LoopBase(ABC):
         processes the value is averaged, so every process sees (and decides on) the
         same number.
         """
-        if self._pending_loss_count == 0:
+        if self.pending_loss_count == 0:
             return self.last_loss
-        mean = self._pending_loss_sum / self._pending_loss_count
+        mean = self.pending_loss_sum / self.pending_loss_count
         if self.accelerator.num_processes > 1:
             mean = self.accelerator.reduce(mean, reduction="mean")
         self.last_loss = mean.item()
-        self._pending_loss_sum.zero_()
-        self._mark_throughput(self._pending_loss_count)
-        self._pending_loss_count = 0
+        self.pending_loss_sum.zero_()
+        self._mark_throughput(self.pending_loss_count)
+        self.pending_loss_count = 0
         return self.last_loss
 
     def _interrupt_requested(self, sync_point: bool) -> bool:
@@ -494,7 +527,7 @@ class LoopBase(ABC):
         at sync points (logging steps, epoch ends), where they meet anyway, so the
         check adds no sync to other updates.
         """
-        if self._single_process:
+        if self.single_process:
             return self._preemption.requested
         if not sync_point:
             return False
@@ -505,7 +538,8 @@ class LoopBase(ABC):
         signum = self._preemption.signal_number or signal.SIGTERM
         saved = self._on_interrupt()
         name = signal.Signals(signum).name
-        where = f"update {self.step} (epoch {self.epoch + 1}, batch {self._batches_in_epoch})"
+        progress = self.progress
+        where = f"update {progress.step} (epoch {progress.epoch + 1}, batch {progress.batch})"
         if saved:
             advice = (
                 f"checkpoint saved to {saved}; run the same command with "
@@ -529,7 +563,7 @@ class LoopBase(ABC):
         last_time, _ = self._throughput_mark
         if last_time:
             batch_size = getattr(self.train_dataloader, "total_batch_size", None) or 0
-            self._samples_per_second = batches * batch_size / max(now - last_time, 1e-9)
+            self.samples_per_second = batches * batch_size / max(now - last_time, 1e-9)
         self._throughput_mark = (now, batches)
 
     def _progress_values(self) -> dict[str, str]:
@@ -537,8 +571,8 @@ class LoopBase(ABC):
         if self.last_loss is not None:
             values["loss"] = f"{self.last_loss:.4g}"
         values["lr"] = f"{self.optimizer.param_groups[0]['lr']:.3g}"
-        if self._samples_per_second is not None:
-            values["samples/s"] = f"{self._samples_per_second:.0f}"
+        if self.samples_per_second is not None:
+            values["samples/s"] = f"{self.samples_per_second:.0f}"
         return values
 
     # ------------------------------------------------------------ extension points
@@ -602,9 +636,7 @@ class LoopBase(ABC):
     def _state_to_save(self) -> dict[str, Any]:
         sampler = self._shuffling_sampler()
         return {
-            "epoch": self.epoch,
-            "step": self.step,
-            "batches_in_epoch": self._batches_in_epoch,
+            "progress": self.progress.state_dict(),
             "val_metrics": dict(self.val_metrics),
             "sampler_seed": None if sampler is None else sampler.initial_seed,
         }
@@ -620,14 +652,21 @@ class LoopBase(ABC):
         return sampler if hasattr(sampler, "initial_seed") else None
 
     def _load_state(self, state: dict[str, Any]) -> None:
-        self.epoch = int(state["epoch"])
-        self.step = int(state["step"])
-        self._batches_in_epoch = int(state["batches_in_epoch"])
+        progress = state.get("progress")
+        if progress is None:  # written before progress was one object
+            progress = {
+                "epoch": state.get("epoch"),
+                "step": state.get("step"),
+                "batch": state.get("batches_in_epoch"),
+                "epoch_batches": self.progress.epoch_batches,
+                "accumulated": 0,
+            }
+        self.progress.load_state_dict(progress)
         self.val_metrics = dict(state.get("val_metrics", {}))
         sampler = self._shuffling_sampler()
         if sampler is not None and state.get("sampler_seed") is not None:
             sampler.initial_seed = state["sampler_seed"]
-        if self._batches_in_epoch:
+        if self.progress.batch:
             # Called after the RNG states were restored: keep them for _epoch_batches.
             self._rng_after_restore = capture_rng_state()
 
@@ -646,7 +685,7 @@ class LoopBase(ABC):
             ("epochs", f"{self.epochs} (from epoch {self.epoch}, step {self.step})"),
             (
                 "updates per epoch",
-                f"{self.updates_per_epoch} ({self._epoch_batches_total} batches, "
+                f"{self.updates_per_epoch} ({self.progress.epoch_batches} batches, "
                 f"accumulation {self.gradient_accumulation_steps})",
             ),
         ]

@@ -60,7 +60,7 @@ def final_state(trainer):
         "step": trainer.step,
         "epoch": trainer.epoch,
         "loss": trainer.last_loss,
-        "grad_norm": getattr(trainer, "last_grad_norm", None),
+        "grad_norm": trainer.last_grad_norm,
         "seen": trainer.seen,
     }
 
@@ -94,7 +94,7 @@ def assert_bitwise_equal(a, b, path="state"):
 def test_direct_updates_train_bitwise_like_accelerate(tmp_path, settings):
     direct = run(ObservedTrainer, tmp_path / "direct", **settings)
     accelerated = run(AcceleratedTrainer, tmp_path / "accelerated", **settings)
-    assert direct._direct_updates and not accelerated._direct_updates
+    assert direct.direct_updates and not accelerated.direct_updates
     assert direct.step > 0
     assert_bitwise_equal(final_state(direct), final_state(accelerated))
 
@@ -156,5 +156,5 @@ def test_accelerate_keeps_the_step_where_it_does_more(tmp_path, accelerator_kwar
         accelerator_kwargs=accelerator_kwargs,
         epochs=1,
     )
-    assert not trainer._direct_updates
+    assert not trainer.direct_updates
     assert trainer.step == 12
