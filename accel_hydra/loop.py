@@ -139,6 +139,7 @@ class LoopBase(ABC):
         self.single_process = True
         self.direct_updates = False
         self._truncated_epoch = False
+        self._ends_with_loader = False
         self._throughput_mark = (0.0, 0)
         self._rng_after_restore: dict[str, Any] | None = None
         self._preemption = PreemptionGuard()
@@ -317,6 +318,8 @@ class LoopBase(ABC):
         # A cut-short epoch never reaches the dataloader's end, where Accelerate would
         # flush a partial accumulation; the loop forces that update itself instead.
         self._truncated_epoch = available is None or total < available
+        # Without len(), the loader may also end before epoch_length: ask it at each batch.
+        self._ends_with_loader = available is None
         self.updates_per_epoch = math.ceil(total / self.gradient_accumulation_steps)
 
     def _run_epoch(self) -> None:
@@ -440,11 +443,14 @@ class LoopBase(ABC):
 
     def _direct_sync(self, batch_idx: int) -> bool:
         """Decide whether this batch completes an update, as ``accumulate()`` would:
-        every ``gradient_accumulation_steps`` batches and on the epoch's last batch.
+        every ``gradient_accumulation_steps`` batches and on the epoch's last batch
+        (the dataloader's last, when one without ``len()`` ends the epoch early).
         ``sync_gradients`` and ``accelerator.step`` (saved in checkpoints) are set to
         the values Accelerate would have given them."""
         accelerator = self.accelerator
-        if batch_idx + 1 == self.progress.epoch_batches:
+        if batch_idx + 1 == self.progress.epoch_batches or (
+            self._ends_with_loader and accelerator.gradient_state.end_of_dataloader
+        ):
             accelerator.step = 0
             sync = True
         else:

@@ -15,6 +15,13 @@ final model and optimizer state to ``--result`` for bitwise comparison.
   written and before the commit marker;
 - ``sigterm``: SIGTERM at update ``--at`` (a preemption): the run checkpoints and exits.
 
+``--signal-at PHASE:EPOCH:BATCH`` sends ``--signal`` (``KILL`` or ``TERM``) at an exact
+place instead: ``train`` (inside ``training_step`` of that batch), ``val`` (inside
+``validation_step``), ``epoch_end`` (in ``on_train_epoch_end`` of that epoch, after its
+checkpoints; BATCH ignored) or ``epoch_start`` (in ``on_train_epoch_start``). EPOCH counts
+from 0. ``--epoch-length`` cuts epochs short; ``--iterable`` trains from a dataset without
+``len()`` (the same samples, in a fixed order), so ``--epoch-length`` may exceed it.
+
 ``--checkpoint-dir URL`` with ``--storage-options JSON`` saves to an object store
 (uploaded in the background) instead of ``PROJECT/checkpoints``.
 """
@@ -29,17 +36,42 @@ import signal
 from dataclasses import dataclass, field
 
 import torch
+from torch.utils.data import DataLoader, IterableDataset
 
 from accel_hydra import MetricMonitor, Trainer
 from accel_hydra.distributed import shut_down_process_group
-from tests.conftest import ToySteps, make_loader, make_model
+from tests.conftest import ToySteps, make_loader, make_model, regression_data
+
+
+class FixedOrderStream(IterableDataset):
+    """The regression samples as a stream: no ``len()``, the same order every epoch."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def __iter__(self):
+        return iter(self.data[i] for i in range(len(self.data)))
 
 
 @dataclass(kw_only=True, eq=False)
 class KillableTrainer(ToySteps, Trainer):
     kill: str | None = None
     at: int = -1
+    signal_at: tuple[str, int, int] | None = None
+    signal_number: int = signal.SIGKILL
     _killed_validation: list = field(default_factory=list)
+
+    def _signal_if_at(self, phase, epoch, batch_idx=-1):
+        where = self.signal_at
+        if where and where[0] == phase and where[1] == epoch and where[2] in (batch_idx, -1):
+            self.signal_at = None  # one signal
+            self._die(self.signal_number)
+
+    def on_train_epoch_start(self):
+        self._signal_if_at("epoch_start", self.epoch)
+
+    def on_train_epoch_end(self):
+        self._signal_if_at("epoch_end", self.epoch - 1)
 
     def _die(self, signum=signal.SIGKILL):
         os.kill(os.getpid(), signum)
@@ -47,6 +79,7 @@ class KillableTrainer(ToySteps, Trainer):
     def training_step(self, batch, batch_idx):
         accumulating = self.gradient_accumulation_steps > 1
         inside_update = batch_idx % self.gradient_accumulation_steps == 1 or not accumulating
+        self._signal_if_at("train", self.epoch, batch_idx)
         if self.step == self.at and inside_update:
             if self.kill == "mid_epoch":
                 self._die()
@@ -56,6 +89,7 @@ class KillableTrainer(ToySteps, Trainer):
         return super().training_step(batch, batch_idx)
 
     def validation_step(self, batch, batch_idx):
+        self._signal_if_at("val", self.epoch, batch_idx)
         if self.kill == "in_validation" and self.epoch == 1 and batch_idx == 1:
             self._die()
         super().validation_step(batch, batch_idx)
@@ -84,7 +118,19 @@ def main(argv=None):
     parser.add_argument("--resume", default=None)
     parser.add_argument("--checkpoint-dir", default=None)
     parser.add_argument("--storage-options", type=json.loads, default=None)
+    parser.add_argument("--epoch-length", type=int, default=None)
+    parser.add_argument("--iterable", action="store_true")
+    parser.add_argument("--signal-at", default=None)
+    parser.add_argument("--signal", choices=["KILL", "TERM"], default="KILL")
     args = parser.parse_args(argv)
+
+    signal_at = None
+    if args.signal_at:
+        phase, epoch, batch = args.signal_at.split(":")
+        signal_at = (phase, int(epoch), int(batch))
+    train_loader = make_loader(n=96, batch_size=8, shuffle=True)
+    if args.iterable:
+        train_loader = DataLoader(FixedOrderStream(regression_data(96)), batch_size=8)
 
     torch.manual_seed(0)
     model = make_model(dropout=0.2)
@@ -92,9 +138,10 @@ def main(argv=None):
     trainer = KillableTrainer(
         model=model,
         optimizer=optimizer,
-        train_dataloader=make_loader(n=96, batch_size=8, shuffle=True),
+        train_dataloader=train_loader,
         val_dataloader=make_loader(n=32, batch_size=8, shuffle=False, seed=1),
         epochs=args.epochs,
+        epoch_length=args.epoch_length,
         gradient_accumulation_steps=args.accumulation,
         project_dir=args.project,
         progress_bar=False,
@@ -109,6 +156,8 @@ def main(argv=None):
         resume_from_checkpoint=args.resume,
         kill=args.kill,
         at=args.at,
+        signal_at=signal_at,
+        signal_number=getattr(signal, f"SIG{args.signal}"),
     )
     trainer.train(seed=0)
     torch.save(
