@@ -5,6 +5,13 @@ gradient clipping are mixins (``accel_hydra.mixins``) that plug into the extensi
 points below. The order of work is fixed by :meth:`LoopBase.train` and documented in
 ``docs/trainer.rst``; keep the three in step.
 
+The mixin protocol. This module's two tables and the public attributes of
+:class:`LoopBase` are the whole contract between the loop and the mixins: a mixin
+overrides the extension points, calls the services, reads and sets the public
+attributes, and touches no other private name that it does not define itself
+(``tests/test_mixin_protocol.py`` checks that). What one capability needs from another
+becomes a public attribute of the loop (``last_grad_norm``, ``samples_per_second``).
+
 Extension points for mixin authors (each a no-op here; override, call ``super()``
 first, then add your work, so any subset of mixins composes in any order):
 
@@ -31,6 +38,18 @@ first, then add your work, so any subset of mixins composes in any order):
 ``_summary_lines()``             ``(label, value)`` rows of the start summary
 ``_end_summary_lines()``         rows of the end summary
 ===============================  =======================================================
+
+Services the loop offers to mixins (call them; do not override):
+
+===================================  ===================================================
+``_say(message)``                    print a status line on the main process, flushed
+``_optimizer_step_was_skipped()``    whether mixed precision skipped the last update
+===================================  ===================================================
+
+Public attributes mixins read (see :class:`LoopBase`): ``progress``, ``accelerator``,
+``pending_loss_sum``, ``pending_loss_count``, ``last_loss``, ``last_grad_norm``,
+``samples_per_second``, ``single_process``, ``direct_updates``, ``updates_per_epoch``,
+``val_metrics``, ``should_stop_training``.
 """
 
 from __future__ import annotations
@@ -88,13 +107,29 @@ class LoopBase(ABC):
 
     Attributes:
         accelerator: the ``Accelerator``, once :meth:`setup_accelerator` ran.
-        step: optimizer updates done so far (global; one per accumulation cycle).
-        epoch: epochs completed so far.
+        progress: where training stands (:class:`~accel_hydra.progress.Progress`:
+            epoch, update step, batch position and total of the epoch, accumulation
+            phase), saved and restored as one piece.
+        step: optimizer updates done so far (global; one per accumulation cycle);
+            the same as ``progress.step``.
+        epoch: epochs completed so far; the same as ``progress.epoch``.
         should_stop_training: set to ``True`` to stop; checked after every batch. Set
             during the batches, it skips the rest of the epoch and its validation.
         val_metrics: the metrics of the last validation, agreed on every process.
         last_loss: the mean loss over the batches since the last read (read on
             logging steps, before checkpoints and at epoch end only).
+        pending_loss_sum: the sum, on the device, of the losses since the last read;
+            a mixin may inspect it (``torch.isfinite``) without moving it to the host.
+        pending_loss_count: how many batch losses ``pending_loss_sum`` holds.
+        last_grad_norm: the total gradient norm of the last update as a tensor, when
+            a mixin computed one (:class:`~accel_hydra.GradClipMixin`); else ``None``.
+        samples_per_second: training throughput between the last two loss reads, or
+            ``None`` before the second read.
+        single_process: whether the run has one process (set up by
+            :meth:`setup_accelerator`); several processes must agree on decisions.
+        direct_updates: whether the loop calls torch directly instead of Accelerate's
+            per-step wrappers (see ``accel_hydra.direct_updates``).
+        updates_per_epoch: optimizer updates in a full epoch.
     """
 
     #: Whether the loop may call torch directly where Accelerate's per-step wrappers
@@ -247,10 +282,24 @@ class LoopBase(ABC):
                 before building the model too, as the launcher does, for identical
                 initial weights.)
 
+        An exception from the loop (yours, or the interruption) is the one ``train``
+        raises: if the clean-up after it (``_after_train``: waiting for an upload,
+        closing the logs) fails too, that second error is printed and attached to the
+        first as a note, never raised in its place.
+
         Raises:
             TrainingInterrupted: after SIGTERM or a first SIGINT, once a checkpoint is
                 written; it exits the process with ``128 + signal`` unless caught.
+            RuntimeError: ``train`` was already called on this trainer.
         """
+        if self._train_called:
+            raise RuntimeError(
+                f"train() was already called on this {type(self).__name__}: that call "
+                "prepared its model, optimizer and dataloaders and closed its writers. "
+                "Build a new trainer to train again; to continue this run, give it "
+                "resume_from_checkpoint='latest' (with a larger epochs to train longer)"
+            )
+        self._train_called = True
         if seed is not None:
             set_seed(seed)
         self.setup_accelerator()
@@ -262,9 +311,25 @@ class LoopBase(ABC):
                 while self.epoch < self.epochs and not self.should_stop_training:
                     self._run_epoch()
                 self.on_train_end()
-        finally:
-            self._after_train()
+        except BaseException as error:
+            self._after_train_keeping(error)
+            raise
+        self._after_train()
         self._say(format_summary("accel_hydra: done", self._end_summary_lines()))
+
+    def _after_train_keeping(self, error: BaseException) -> None:
+        """Run ``_after_train`` while ``error`` propagates; a failure of its own is
+        reported and attached to ``error``, which stays the exception the user sees."""
+        try:
+            self._after_train()
+        except Exception as follow_up:
+            note = (
+                f"accel_hydra: while stopping after {type(error).__name__}, the clean-up "
+                f"failed too: {type(follow_up).__name__}: {follow_up}"
+            )
+            if hasattr(error, "add_note"):  # Python 3.11+
+                error.add_note(note)
+            print(note, file=sys.stderr, flush=True)
 
     def setup_accelerator(self) -> None:
         """Create the ``Accelerator`` and prepare model, optimizer and dataloaders."""

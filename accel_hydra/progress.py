@@ -83,6 +83,11 @@ class Progress:
                 )
             values[name] = value
         saved_total, position = values["epoch_batches"], values["batch"]
+        if position > saved_total:
+            raise ValueError(
+                f"progress.batch={position} in the checkpoint is past its epoch of "
+                f"{saved_total} batches; the checkpoint's trainer state is damaged"
+            )
         if position and self.epoch_batches and saved_total != self.epoch_batches:
             raise ValueError(
                 f"the checkpoint was taken at batch {position} of an epoch of {saved_total} "
