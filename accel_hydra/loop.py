@@ -59,9 +59,9 @@ import signal
 import sys
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sized
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from accelerate import Accelerator
@@ -75,6 +75,10 @@ from accel_hydra.progress import Progress
 from accel_hydra.rng import capture_rng_state, restore_rng_state
 
 __all__ = ["LoopBase"]
+
+#: A callable that builds the optimizer from the model's parameters (a Hydra
+#: ``_partial_`` such as ``torch.optim.AdamW`` with ``lr`` bound).
+OptimizerFactory = Callable[[Iterator[torch.nn.Parameter]], torch.optim.Optimizer]
 
 #: What ``next`` returns when a dataloader without ``len()`` runs out inside an epoch.
 _EXHAUSTED = object()
@@ -138,7 +142,9 @@ class LoopBase(ABC):
     _allow_direct_updates: ClassVar[bool] = True
 
     model: torch.nn.Module
-    optimizer: Any
+    optimizer: (
+        torch.optim.Optimizer | Callable[[Iterator[torch.nn.Parameter]], torch.optim.Optimizer]
+    )
     train_dataloader: Iterable
     val_dataloader: Iterable | None = None
     loss_fn: Callable | None = None
@@ -161,14 +167,15 @@ class LoopBase(ABC):
         if self.epoch_length is not None and self.epoch_length < 1:
             raise ValueError(f"epoch_length must be >= 1 or None, got {self.epoch_length}")
         self.project_dir = str(self.project_dir)
-        self.accelerator: Accelerator | None = None
+        # Set by setup_accelerator(); None until then.
+        self.accelerator: Accelerator = cast(Accelerator, None)
         self.progress = Progress()
         self.should_stop_training = False
         self.val_metrics: dict[str, Any] = {}
         self.last_loss: float | None = None
         self.last_grad_norm: torch.Tensor | None = None
         self.updates_per_epoch = 0
-        self.pending_loss_sum: torch.Tensor | None = None
+        self.pending_loss_sum: torch.Tensor = torch.zeros(())
         self.pending_loss_count = 0
         self.samples_per_second: float | None = None
         self.single_process = True
@@ -356,24 +363,24 @@ class LoopBase(ABC):
         self._after_prepare()
 
     def _size_epochs(self) -> None:
+        available: int | None
         try:
-            available = len(self.train_dataloader)
+            available = len(cast(Sized, self.train_dataloader))
         except TypeError:
             available = None
-        if self.epoch_length is None and available is None:
+        if self.epoch_length is not None:
+            total = self.epoch_length
+        elif available is not None:
+            total = available
+        else:
             raise ValueError(
                 "train_dataloader has no len(); set epoch_length to the number of batches per epoch"
             )
-        if (
-            self.epoch_length is not None
-            and available is not None
-            and self.epoch_length > available
-        ):
+        if available is not None and total > available:
             raise ValueError(
                 f"epoch_length={self.epoch_length} exceeds the {available} batches this "
                 "process's train_dataloader yields; lower epoch_length or leave it unset"
             )
-        total = self.epoch_length or available
         if self.accelerator.num_processes > 1:
             # Uneven shards (even_batches=False): every process must run the same number
             # of updates, or the gradient all-reduce of the longest one waits forever.
@@ -543,7 +550,8 @@ class LoopBase(ABC):
         self.model.eval()
         self.on_validation_start()
         with torch.no_grad():
-            for batch_idx, batch in enumerate(self.val_dataloader):
+            loader = self.val_dataloader if self.val_dataloader is not None else ()
+            for batch_idx, batch in enumerate(loader):
                 self.validation_step(batch, batch_idx)
         self.on_validation_end()
         self.model.train()
@@ -641,7 +649,7 @@ class LoopBase(ABC):
         values = {"step": str(self.step)}
         if self.last_loss is not None:
             values["loss"] = f"{self.last_loss:.4g}"
-        values["lr"] = f"{self.optimizer.param_groups[0]['lr']:.3g}"
+        values["lr"] = f"{self.optimizer.param_groups[0]['lr']:.3g}"  # type: ignore[union-attr]
         if self.samples_per_second is not None:
             values["samples/s"] = f"{self.samples_per_second:.0f}"
         return values

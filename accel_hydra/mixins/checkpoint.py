@@ -255,7 +255,9 @@ class CheckpointMixin(MetricMonitoringMixin):
         if target == "latest":
             self._restore_latest()
         else:
-            self._restore_from(*self._resolve_resume_target(target))
+            store, name = self._resolve_resume_target(target)
+            if name is not None:  # None only for "latest", handled above
+                self._restore_from(store, name)
 
     def _restore_latest(self) -> None:
         """Resume from the newest committed checkpoint that loads, skipping damaged ones."""

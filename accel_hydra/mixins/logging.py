@@ -7,7 +7,7 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import fsspec
 from accelerate.tracking import GeneralTracker
@@ -75,7 +75,7 @@ class LoggingMixin(LoopBase):
 
     log_dir: str | None = None
     log_every_n_steps: int = 50
-    report_to: str | None = "tensorboard"
+    report_to: Literal["tensorboard"] | None = "tensorboard"
     log_storage_options: dict | None = None
 
     def __post_init__(self) -> None:
@@ -131,7 +131,7 @@ class LoggingMixin(LoopBase):
     def _before_optimizer_step(self) -> None:
         super()._before_optimizer_step()
         if (self.progress.step + 1) % self.log_every_n_steps == 0:
-            self._lr_of_update = self.optimizer.param_groups[0]["lr"]
+            self._lr_of_update = self.optimizer.param_groups[0]["lr"]  # type: ignore[union-attr]
 
     def _after_update(self) -> None:
         super()._after_update()
