@@ -268,7 +268,9 @@ class LoopBase(ABC):
             set_seed(seed); setup_accelerator(); restore checkpoint; on_train_start()
             while epoch < epochs and not should_stop_training:
                 on_train_epoch_start()
-                for batch in train_dataloader (epoch_length batches, resuming mid-epoch):
+                while not progress.epoch_done():   # asked before each fetch
+                    batch = next batch (a resumed epoch starts at progress.batch;
+                                        a loader without len() may end the epoch)
                     loss = training_step(batch, batch_idx); backward(loss)
                     on an update: NaN guard (a bad update is skipped and stops the run);
                                   clip gradients; optimizer step; step += 1;
@@ -277,22 +279,23 @@ class LoopBase(ABC):
                     if should_stop_training: on_train_epoch_end(); end the run
                 if val_dataloader: on_validation_start(); validation_step(...) per batch;
                                    on_validation_end(); metrics = get_val_metrics()
-                epoch += 1; LR step (epoch interval); epoch checkpoint;
+                progress.finish_epoch() (epoch += 1); LR step (epoch interval);
+                epoch checkpoint;
                 best checkpoint if the monitored metric improved; early-stopping check;
                 on SIGTERM/SIGINT: checkpoint and exit
                 on_train_epoch_end()
             on_train_end()
+
+        An exception from the loop (yours, or the interruption) is the one ``train``
+        raises: if the clean-up after it (``_after_train``: waiting for an upload,
+        closing the logs) fails too, that second error is printed and attached to the
+        first as a note, never raised in its place.
 
         Args:
             seed: seeds Python, NumPy and torch on every process before the
                 accelerator is set up, so shuffling and dropout repeat exactly. (Seed
                 before building the model too, as the launcher does, for identical
                 initial weights.)
-
-        An exception from the loop (yours, or the interruption) is the one ``train``
-        raises: if the clean-up after it (``_after_train``: waiting for an upload,
-        closing the logs) fails too, that second error is printed and attached to the
-        first as a note, never raised in its place.
 
         Raises:
             TrainingInterrupted: after SIGTERM or a first SIGINT, once a checkpoint is
