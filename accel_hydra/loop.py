@@ -318,7 +318,7 @@ class LoopBase(ABC):
         try:
             with self._preemption:
                 self.on_train_start()
-                while self.epoch < self.epochs and not self.should_stop_training:
+                while self.progress.epoch < self.epochs and not self.should_stop_training:
                     self._run_epoch()
                 self.on_train_end()
         except BaseException as error:
@@ -649,7 +649,7 @@ class LoopBase(ABC):
         self._throughput_mark = (now, batches)
 
     def _progress_values(self) -> dict[str, str]:
-        values = {"step": str(self.step)}
+        values = {"step": str(self.progress.step)}
         if self.last_loss is not None:
             values["loss"] = f"{self.last_loss:.4g}"
         values["lr"] = f"{self.optimizer.param_groups[0]['lr']:.3g}"  # type: ignore[union-attr]
