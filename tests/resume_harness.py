@@ -36,21 +36,11 @@ import signal
 from dataclasses import dataclass, field
 
 import torch
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader
 
 from accel_hydra import MetricMonitor, Trainer
 from accel_hydra.distributed import shut_down_process_group
-from tests.conftest import ToySteps, make_loader, make_model, regression_data
-
-
-class FixedOrderStream(IterableDataset):
-    """The regression samples as a stream: no ``len()``, the same order every epoch."""
-
-    def __init__(self, data):
-        self.data = data
-
-    def __iter__(self):
-        return iter(self.data[i] for i in range(len(self.data)))
+from tests.conftest import FixedOrderStream, ToySteps, make_loader, make_model, regression_data
 
 
 @dataclass(kw_only=True, eq=False)
