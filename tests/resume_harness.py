@@ -15,12 +15,14 @@ final model and optimizer state to ``--result`` for bitwise comparison.
   written and before the commit marker;
 - ``sigterm``: SIGTERM at update ``--at`` (a preemption): the run checkpoints and exits.
 
-``--signal-at PHASE:EPOCH:BATCH`` sends ``--signal`` (``KILL`` or ``TERM``) at an exact
+``--signal-at PHASE:EPOCH:BATCH`` sends ``--send`` (``KILL`` or ``TERM``) at an exact
 place instead: ``train`` (inside ``training_step`` of that batch), ``val`` (inside
 ``validation_step``), ``epoch_end`` (in ``on_train_epoch_end`` of that epoch, after its
 checkpoints; BATCH ignored) or ``epoch_start`` (in ``on_train_epoch_start``). EPOCH counts
 from 0. ``--epoch-length`` cuts epochs short; ``--iterable`` trains from a dataset without
 ``len()`` (the same samples, in a fixed order), so ``--epoch-length`` may exceed it.
+Under ``torchrun`` with ``--uneven`` (``even_batches=False``) and ``--samples`` not a
+multiple of 16, the processes get shards of different lengths.
 
 ``--checkpoint-dir URL`` with ``--storage-options JSON`` saves to an object store
 (uploaded in the background) instead of ``PROJECT/checkpoints``.
@@ -110,17 +112,19 @@ def main(argv=None):
     parser.add_argument("--storage-options", type=json.loads, default=None)
     parser.add_argument("--epoch-length", type=int, default=None)
     parser.add_argument("--iterable", action="store_true")
+    parser.add_argument("--samples", type=int, default=96)
+    parser.add_argument("--uneven", action="store_true", help="even_batches=False")
     parser.add_argument("--signal-at", default=None)
-    parser.add_argument("--signal", choices=["KILL", "TERM"], default="KILL")
+    parser.add_argument("--send", choices=["KILL", "TERM"], default="KILL")
     args = parser.parse_args(argv)
 
     signal_at = None
     if args.signal_at:
         phase, epoch, batch = args.signal_at.split(":")
         signal_at = (phase, int(epoch), int(batch))
-    train_loader = make_loader(n=96, batch_size=8, shuffle=True)
+    train_loader = make_loader(n=args.samples, batch_size=8, shuffle=True)
     if args.iterable:
-        train_loader = DataLoader(FixedOrderStream(regression_data(96)), batch_size=8)
+        train_loader = DataLoader(FixedOrderStream(regression_data(args.samples)), batch_size=8)
 
     torch.manual_seed(0)
     model = make_model(dropout=0.2)
@@ -132,6 +136,7 @@ def main(argv=None):
         val_dataloader=make_loader(n=32, batch_size=8, shuffle=False, seed=1),
         epochs=args.epochs,
         epoch_length=args.epoch_length,
+        even_batches=not args.uneven,
         gradient_accumulation_steps=args.accumulation,
         project_dir=args.project,
         progress_bar=False,
@@ -147,9 +152,11 @@ def main(argv=None):
         kill=args.kill,
         at=args.at,
         signal_at=signal_at,
-        signal_number=getattr(signal, f"SIG{args.signal}"),
+        signal_number=getattr(signal, f"SIG{args.send}"),
     )
     trainer.train(seed=0)
+    if not trainer.accelerator.is_main_process:  # under torchrun: one rank writes
+        return
     torch.save(
         {
             "model": trainer.model.state_dict(),

@@ -15,7 +15,11 @@ from __future__ import annotations
 import signal
 
 import pytest
+import torch
+import torch.distributed as dist
 
+from tests.conftest import run_module
+from tests.test_distributed import TORCHRUN
 from tests.test_resume import assert_bitwise_equal, harness
 
 # name: (harness arguments, batches per epoch, last batch index of an epoch)
@@ -82,7 +86,7 @@ def reference(tmp_path_factory):
 def signal_then_resume(tmp_path, reference, epochs, where, sig):
     args = [*COMMON, *EPOCHS[epochs][0]]
     at = positions(EPOCHS[epochs][1])[where]
-    stopped = harness(tmp_path, tmp_path / "unused.pt", *args, "--signal-at", at, "--signal", sig)
+    stopped = harness(tmp_path, tmp_path / "unused.pt", *args, "--signal-at", at, "--send", sig)
     expected = -signal.SIGKILL if sig == "KILL" else 128 + signal.SIGTERM
     assert stopped.returncode == expected, stopped.stderr[-3000:]
     resumed = harness(tmp_path, tmp_path / "result.pt", *args, "--resume", "latest")
@@ -106,3 +110,43 @@ def test_resume_at_an_epoch_edge_is_bitwise_equal(tmp_path, reference, epochs, w
 )
 def test_resume_anywhere_in_the_grid_is_bitwise_equal(tmp_path, reference, epochs, where, sig):
     signal_then_resume(tmp_path, reference, epochs, where, sig)
+
+
+TWO_PROCESS_CASES = [
+    # A kill during validation resumes from the checkpoint of the epoch's last update,
+    # whose position equals the (smallest) shard's batch count.
+    pytest.param("val:0:1", "KILL", id="validation-KILL"),
+    pytest.param("train:1:5", "TERM", id="last_update-TERM"),
+]
+
+
+@pytest.mark.full_grid
+@pytest.mark.skipif(not dist.is_available(), reason="needs torch.distributed")
+@pytest.mark.parametrize(("at", "sig"), TWO_PROCESS_CASES)
+def test_two_processes_with_uneven_shards_resume_bitwise_equal(tmp_path, at, sig):
+    """104 samples in batches of 8 on 2 processes with even_batches=False: shards of 7
+    and 6 batches, so both processes run epochs of 6 batches (one update each)."""
+    args = [*COMMON, "--samples", 104, "--uneven", "--accumulation", 1]
+
+    def torchrun(project, result, *more):
+        return run_module(
+            "tests.resume_harness",
+            "--project",
+            project,
+            "--result",
+            result,
+            *args,
+            *more,
+            env={"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"},
+            runner=(TORCHRUN, "--standalone", "--nproc_per_node", "2"),
+        )
+
+    full = torchrun(tmp_path / "full", tmp_path / "full.pt")
+    assert full.returncode == 0, full.stderr[-3000:]
+    stopped = torchrun(tmp_path / "run", tmp_path / "unused.pt", "--signal-at", at, "--send", sig)
+    assert stopped.returncode != 0
+    resumed = torchrun(tmp_path / "run", tmp_path / "result.pt", "--resume", "latest")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    assert_bitwise_equal(tmp_path / "result.pt", tmp_path / "full.pt")
+    assert torch.load(tmp_path / "full.pt", weights_only=False)["step"] == 18
