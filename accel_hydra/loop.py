@@ -142,9 +142,7 @@ class LoopBase(ABC):
     _allow_direct_updates: ClassVar[bool] = True
 
     model: torch.nn.Module
-    optimizer: (
-        torch.optim.Optimizer | Callable[[Iterator[torch.nn.Parameter]], torch.optim.Optimizer]
-    )
+    optimizer: torch.optim.Optimizer | OptimizerFactory
     train_dataloader: Iterable
     val_dataloader: Iterable | None = None
     loss_fn: Callable | None = None
