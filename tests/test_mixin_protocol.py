@@ -69,6 +69,20 @@ def _is_super_attribute(node: ast.AST) -> bool:
     )
 
 
+def _is_getattr_on_self(node: ast.AST) -> bool:
+    """``getattr(self, "_name", ...)`` / ``hasattr(self, "_name")``: a read all the same."""
+    return (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Name)
+        and node.func.id in ("getattr", "hasattr")
+        and len(node.args) >= 2
+        and isinstance(node.args[0], ast.Name)
+        and node.args[0].id == "self"
+        and isinstance(node.args[1], ast.Constant)
+        and isinstance(node.args[1].value, str)
+    )
+
+
 def foreign_private_accesses(source: str, filename: str, allowed: set[str]) -> list[str]:
     """``file:line: Class uses self._x`` for each private name the class may not use."""
     found = []
@@ -77,12 +91,17 @@ def foreign_private_accesses(source: str, filename: str, allowed: set[str]) -> l
             continue
         mine = own_names(cls)
         for node in ast.walk(cls):
-            if not (_is_self_attribute(node) or _is_super_attribute(node)):
+            if _is_self_attribute(node):
+                name, how = node.attr, f"self.{node.attr}"
+            elif _is_super_attribute(node):
+                name, how = node.attr, f"super().{node.attr}"
+            elif _is_getattr_on_self(node):
+                name = node.args[1].value
+                how = f'getattr(self, "{name}")'
+            else:
                 continue
-            name = node.attr
             if is_private(name) and name not in mine and name not in allowed:
-                owner = "self" if _is_self_attribute(node) else "super()"
-                found.append(f"{filename}:{node.lineno}: {cls.name} uses {owner}.{name}")
+                found.append(f"{filename}:{node.lineno}: {cls.name} uses {how}")
     return sorted(found, key=lambda line: int(line.split(":")[1]))
 
 
@@ -114,6 +133,10 @@ def test_the_check_catches_a_foreign_private_read():
         "    def _after_update(self):\n"
         "        super()._after_update()\n"
         "        self._mine = self._pending_loss_sum\n"
+        "        norm = getattr(self, '_grad_norm', None)\n"
     )
     found = foreign_private_accesses(source, "peek.py", allowed={"_after_update"})
-    assert found == ["peek.py:4: PeekingMixin uses self._pending_loss_sum"]
+    assert found == [
+        "peek.py:4: PeekingMixin uses self._pending_loss_sum",
+        'peek.py:5: PeekingMixin uses getattr(self, "_grad_norm")',
+    ]
