@@ -20,7 +20,7 @@ class EpochProgress:
     def __init__(self, *, enabled: bool, total: int, initial: int, epoch: int, epochs: int):
         self.bar: Any = None
         if not enabled:
-            self.advance = self.show = self.close = _nothing  # type: ignore[method-assign]
+            self.advance = self.show = self.close = _nothing  # type: ignore[method-assign,assignment]
             return
         from tqdm.auto import tqdm
 

@@ -5,6 +5,13 @@ gradient clipping are mixins (``accel_hydra.mixins``) that plug into the extensi
 points below. The order of work is fixed by :meth:`LoopBase.train` and documented in
 ``docs/trainer.rst``; keep the three in step.
 
+The mixin protocol. This module's two tables and the public attributes of
+:class:`LoopBase` are the whole contract between the loop and the mixins: a mixin
+overrides the extension points, calls the services, reads and sets the public
+attributes, and touches no other private name that it does not define itself
+(``tests/test_mixin_protocol.py`` checks that). What one capability needs from another
+becomes a public attribute of the loop (``last_grad_norm``, ``samples_per_second``).
+
 Extension points for mixin authors (each a no-op here; override, call ``super()``
 first, then add your work, so any subset of mixins composes in any order):
 
@@ -32,6 +39,18 @@ first, then add your work, so any subset of mixins composes in any order):
 ``_summary_lines()``             ``(label, value)`` rows of the start summary
 ``_end_summary_lines()``         rows of the end summary
 ===============================  =======================================================
+
+Services the loop offers to mixins (call them; do not override):
+
+===================================  ===================================================
+``_say(message)``                    print a status line on the main process, flushed
+``_optimizer_step_was_skipped()``    whether mixed precision skipped the last update
+===================================  ===================================================
+
+Public attributes mixins read (see :class:`LoopBase`): ``progress``, ``accelerator``,
+``pending_loss_sum``, ``pending_loss_count``, ``last_loss``, ``last_grad_norm``,
+``samples_per_second``, ``single_process``, ``direct_updates``, ``updates_per_epoch``,
+``val_metrics``, ``should_stop_training``.
 """
 
 from __future__ import annotations
@@ -41,9 +60,9 @@ import signal
 import sys
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sized
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from accelerate import Accelerator
@@ -53,9 +72,17 @@ from accel_hydra.console import EpochProgress, format_summary
 from accel_hydra.direct_updates import direct_updates_are_exact
 from accel_hydra.distributed import launched_without_gpus
 from accel_hydra.preemption import PreemptionGuard, TrainingInterrupted
+from accel_hydra.progress import Progress
 from accel_hydra.rng import capture_rng_state, restore_rng_state
 
 __all__ = ["LoopBase"]
+
+#: A callable that builds the optimizer from the model's parameters (a Hydra
+#: ``_partial_`` such as ``torch.optim.AdamW`` with ``lr`` bound).
+OptimizerFactory = Callable[[Iterator[torch.nn.Parameter]], torch.optim.Optimizer]
+
+#: What ``next`` returns when a dataloader without ``len()`` runs out inside an epoch.
+_EXHAUSTED = object()
 
 
 @dataclass(kw_only=True, eq=False)
@@ -85,13 +112,29 @@ class LoopBase(ABC):
 
     Attributes:
         accelerator: the ``Accelerator``, once :meth:`setup_accelerator` ran.
-        step: optimizer updates done so far (global; one per accumulation cycle).
-        epoch: epochs completed so far.
+        progress: where training stands (:class:`~accel_hydra.progress.Progress`:
+            epoch, update step, batch position and total of the epoch, accumulation
+            phase), saved and restored as one piece.
+        step: optimizer updates done so far (global; one per accumulation cycle);
+            the same as ``progress.step``.
+        epoch: epochs completed so far; the same as ``progress.epoch``.
         should_stop_training: set to ``True`` to stop; checked after every batch. Set
             during the batches, it skips the rest of the epoch and its validation.
         val_metrics: the metrics of the last validation, agreed on every process.
         last_loss: the mean loss over the batches since the last read (read on
             logging steps, before checkpoints and at epoch end only).
+        pending_loss_sum: the sum, on the device, of the losses since the last read;
+            a mixin may inspect it (``torch.isfinite``) without moving it to the host.
+        pending_loss_count: how many batch losses ``pending_loss_sum`` holds.
+        last_grad_norm: the total gradient norm of the last update as a tensor, when
+            a mixin computed one (:class:`~accel_hydra.GradClipMixin`); else ``None``.
+        samples_per_second: training throughput between the last two loss reads, or
+            ``None`` before the second read.
+        single_process: whether the run has one process (set up by
+            :meth:`setup_accelerator`); several processes must agree on decisions.
+        direct_updates: whether the loop calls torch directly instead of Accelerate's
+            per-step wrappers (see ``accel_hydra.direct_updates``).
+        updates_per_epoch: optimizer updates in a full epoch.
     """
 
     #: Whether the loop may call torch directly where Accelerate's per-step wrappers
@@ -100,7 +143,7 @@ class LoopBase(ABC):
     _allow_direct_updates: ClassVar[bool] = True
 
     model: torch.nn.Module
-    optimizer: Any
+    optimizer: torch.optim.Optimizer | OptimizerFactory
     train_dataloader: Iterable
     val_dataloader: Iterable | None = None
     loss_fn: Callable | None = None
@@ -123,25 +166,44 @@ class LoopBase(ABC):
         if self.epoch_length is not None and self.epoch_length < 1:
             raise ValueError(f"epoch_length must be >= 1 or None, got {self.epoch_length}")
         self.project_dir = str(self.project_dir)
-        self.accelerator: Accelerator | None = None
-        self.step = 0
-        self.epoch = 0
+        # Set by setup_accelerator(); None until then.
+        self.accelerator: Accelerator = cast(Accelerator, None)
+        self.progress = Progress()
         self.should_stop_training = False
         self.val_metrics: dict[str, Any] = {}
         self.last_loss: float | None = None
+        self.last_grad_norm: torch.Tensor | None = None
         self.updates_per_epoch = 0
-        self._batches_in_epoch = 0
-        self._epoch_batches_total = 0
+        self.pending_loss_sum: torch.Tensor = torch.zeros(())
+        self.pending_loss_count = 0
+        self.samples_per_second: float | None = None
+        self.single_process = True
+        self.direct_updates = False
         self._truncated_epoch = False
-        self._pending_loss_sum: torch.Tensor | None = None
-        self._pending_loss_count = 0
-        self._samples_per_second: float | None = None
+        self._ends_with_loader = False
         self._throughput_mark = (0.0, 0)
         self._rng_after_restore: dict[str, Any] | None = None
         self._preemption = PreemptionGuard()
-        self._direct_updates = False
-        self._single_process = True
         self._stepped_optimizer: Any = None
+        self._train_called = False
+
+    @property
+    def step(self) -> int:
+        """Optimizer updates done so far, global: ``self.progress.step``."""
+        return self.progress.step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.progress.step = value
+
+    @property
+    def epoch(self) -> int:
+        """Epochs completed so far: ``self.progress.epoch``."""
+        return self.progress.epoch
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self.progress.epoch = value
 
     # ------------------------------------------------------------------ user API
 
@@ -205,7 +267,9 @@ class LoopBase(ABC):
             set_seed(seed); setup_accelerator(); restore checkpoint; on_train_start()
             while epoch < epochs and not should_stop_training:
                 on_train_epoch_start()
-                for batch in train_dataloader (epoch_length batches, resuming mid-epoch):
+                while not progress.epoch_done():   # asked before each fetch
+                    batch = next batch (a resumed epoch starts at progress.batch;
+                                        a loader without len() may end the epoch)
                     loss = training_step(batch, batch_idx); backward(loss)
                     on an update: NaN guard (a bad update is skipped and stops the run);
                                   clip gradients; optimizer step; step += 1;
@@ -214,11 +278,17 @@ class LoopBase(ABC):
                     if should_stop_training: on_train_epoch_end(); end the run
                 if val_dataloader: on_validation_start(); validation_step(...) per batch;
                                    on_validation_end(); metrics = get_val_metrics()
-                epoch += 1; LR step (epoch interval); epoch checkpoint;
+                progress.finish_epoch() (epoch += 1); LR step (epoch interval);
+                epoch checkpoint;
                 best checkpoint if the monitored metric improved; early-stopping check;
                 on SIGTERM/SIGINT: checkpoint and exit
                 on_train_epoch_end()
             on_train_end()
+
+        An exception from the loop (yours, or the interruption) is the one ``train``
+        raises: if the clean-up after it (``_after_train``: waiting for an upload,
+        closing the logs) fails too, that second error is printed and attached to the
+        first as a note, never raised in its place.
 
         Args:
             seed: seeds Python, NumPy and torch on every process before the
@@ -229,7 +299,16 @@ class LoopBase(ABC):
         Raises:
             TrainingInterrupted: after SIGTERM or a first SIGINT, once a checkpoint is
                 written; it exits the process with ``128 + signal`` unless caught.
+            RuntimeError: ``train`` was already called on this trainer.
         """
+        if self._train_called:
+            raise RuntimeError(
+                f"train() was already called on this {type(self).__name__}: that call "
+                "prepared its model, optimizer and dataloaders and closed its writers. "
+                "Build a new trainer to train again; to continue this run, give it "
+                "resume_from_checkpoint='latest' (with a larger epochs to train longer)"
+            )
+        self._train_called = True
         if seed is not None:
             set_seed(seed)
         self.setup_accelerator()
@@ -238,12 +317,28 @@ class LoopBase(ABC):
         try:
             with self._preemption:
                 self.on_train_start()
-                while self.epoch < self.epochs and not self.should_stop_training:
+                while self.progress.epoch < self.epochs and not self.should_stop_training:
                     self._run_epoch()
                 self.on_train_end()
-        finally:
-            self._after_train()
+        except BaseException as error:
+            self._after_train_keeping(error)
+            raise
+        self._after_train()
         self._say(format_summary("accel_hydra: done", self._end_summary_lines()))
+
+    def _after_train_keeping(self, error: BaseException) -> None:
+        """Run ``_after_train`` while ``error`` propagates; a failure of its own is
+        reported and attached to ``error``, which stays the exception the user sees."""
+        try:
+            self._after_train()
+        except Exception as follow_up:
+            note = (
+                f"accel_hydra: while stopping after {type(error).__name__}, the clean-up "
+                f"failed too: {type(follow_up).__name__}: {follow_up}"
+            )
+            if hasattr(error, "add_note"):  # Python 3.11+
+                error.add_note(note)
+            print(note, file=sys.stderr, flush=True)
 
     def setup_accelerator(self) -> None:
         """Create the ``Accelerator`` and prepare model, optimizer and dataloaders."""
@@ -257,79 +352,77 @@ class LoopBase(ABC):
         self.model, self.optimizer, self.train_dataloader = prepared[:3]
         if self.val_dataloader is not None:
             self.val_dataloader = prepared[3]
-        self._single_process = self.accelerator.num_processes == 1
+        self.single_process = self.accelerator.num_processes == 1
         self._size_epochs()
-        self._direct_updates = self._allow_direct_updates and direct_updates_are_exact(
+        self.direct_updates = self._allow_direct_updates and direct_updates_are_exact(
             self.accelerator, self.optimizer, self.gradient_accumulation_steps
         )
         # The loop steps the wrapped optimizer itself when Accelerate's wrapper adds nothing.
         self._stepped_optimizer = (
-            self.optimizer.optimizer if self._direct_updates else self.optimizer
+            self.optimizer.optimizer if self.direct_updates else self.optimizer
         )
-        self._pending_loss_sum = torch.zeros((), device=self.accelerator.device)
+        self.pending_loss_sum = torch.zeros((), device=self.accelerator.device)
         self._after_prepare()
 
     def _size_epochs(self) -> None:
+        available: int | None
         try:
-            available = len(self.train_dataloader)
+            available = len(cast(Sized, self.train_dataloader))
         except TypeError:
             available = None
-        if self.epoch_length is None and available is None:
+        if self.epoch_length is not None:
+            total = self.epoch_length
+        elif available is not None:
+            total = available
+        else:
             raise ValueError(
                 "train_dataloader has no len(); set epoch_length to the number of batches per epoch"
             )
-        if (
-            self.epoch_length is not None
-            and available is not None
-            and self.epoch_length > available
-        ):
+        if available is not None and total > available:
             raise ValueError(
                 f"epoch_length={self.epoch_length} exceeds the {available} batches this "
                 "process's train_dataloader yields; lower epoch_length or leave it unset"
             )
-        self._epoch_batches_total = self.epoch_length or available
-        if self.accelerator.num_processes > 1 and self._epoch_batches_total is not None:
+        if self.accelerator.num_processes > 1:
             # Uneven shards (even_batches=False): every process must run the same number
             # of updates, or the gradient all-reduce of the longest one waits forever.
-            counts = self.accelerator.gather(
-                torch.tensor([self._epoch_batches_total], device=self.accelerator.device)
-            )
-            self._epoch_batches_total = int(counts.min().item())
+            counts = self.accelerator.gather(torch.tensor([total], device=self.accelerator.device))
+            total = int(counts.min().item())
+        self.progress.epoch_batches = total
         # A cut-short epoch never reaches the dataloader's end, where Accelerate would
         # flush a partial accumulation; the loop forces that update itself instead.
-        self._truncated_epoch = available is None or self._epoch_batches_total < available
-        self.updates_per_epoch = math.ceil(
-            self._epoch_batches_total / self.gradient_accumulation_steps
-        )
+        self._truncated_epoch = available is None or total < available
+        # Without len(), the loader may also end before epoch_length: ask it at each batch.
+        self._ends_with_loader = available is None
+        self.updates_per_epoch = math.ceil(total / self.gradient_accumulation_steps)
 
     def _run_epoch(self) -> None:
         self.on_train_epoch_start()
         self.model.train()
-        start = self._batches_in_epoch
-        progress = EpochProgress(
+        progress = self.progress
+        bar = EpochProgress(
             enabled=self.progress_bar and self.accelerator.is_main_process,
-            total=self._epoch_batches_total,
-            initial=start,
-            epoch=self.epoch,
+            total=progress.epoch_batches,
+            initial=progress.batch,
+            epoch=progress.epoch,
             epochs=self.epochs,
         )
         try:
-            for batch_idx, batch in self._epoch_batches(start):
+            for batch_idx, batch in self._epoch_batches():
                 self._train_batch(batch, batch_idx)
-                progress.advance()
-                if self._pending_loss_count == 0:  # the loss was read on this update
-                    progress.show(self._progress_values())
+                bar.advance()
+                if self.pending_loss_count == 0:  # the loss was read on this update
+                    bar.show(self._progress_values())
                 if self.should_stop_training:
                     break
         finally:
-            progress.close()
+            bar.close()
         self._read_loss()
         if self.should_stop_training:  # asked for during the batches: skip epoch-end work
             self.on_train_epoch_end()
             return
         metrics = self._validate() if self.val_dataloader is not None else {}
-        self.epoch += 1
-        self._batches_in_epoch = 0
+        progress.finish_epoch()
         if self.val_dataloader is not None:
             self._after_validation(metrics)
         self._epoch_end_schedule(metrics)
@@ -339,43 +432,55 @@ class LoopBase(ABC):
             self._stop_for_interrupt()
         self.on_train_epoch_end()
 
-    def _epoch_batches(self, start: int) -> Iterator[tuple[int, Any]]:
-        """Yield ``(batch_idx, batch)`` for this epoch, skipping ``start`` batches by index.
+    def _epoch_batches(self) -> Iterator[tuple[int, Any]]:
+        """Yield ``(batch_idx, batch)`` for the rest of this epoch, from ``progress.batch``.
 
-        The epoch number seeds the sampler, so epoch ``e`` sees the same order whether
-        or not the process restarted; a mid-epoch resume skips sampler indices, it does
-        not load and discard the skipped batches.
+        "Is the epoch done?" is asked before every fetch, never after: a run resumed
+        from a checkpoint taken on the epoch's last batch fetches nothing, and a
+        dataloader longer than the epoch is never read past it. The epoch number seeds
+        the sampler, so epoch ``e`` sees the same order whether or not the process
+        restarted; a mid-epoch resume skips sampler indices, it does not load and
+        discard the skipped batches.
         """
+        progress = self.progress
+        start, total = progress.batch, progress.epoch_batches
         loader = self.train_dataloader
         if hasattr(loader, "set_epoch"):
-            loader.set_epoch(self.epoch)
+            loader.set_epoch(progress.epoch)
+        if progress.epoch_done():
+            self._restore_rng_after_resume()
+            return
         if start:
             loader = self.accelerator.skip_first_batches(loader, start)
             if hasattr(loader, "set_epoch"):
-                loader.set_epoch(self.epoch)
-        batches = enumerate(loader, start=start)
-        first = next(batches, None)
+                loader.set_epoch(progress.epoch)
+        batches = iter(loader)
+        batch_idx = start
+        # Progress.epoch_done() inlined: this test runs once per batch.
+        while batch_idx < total:
+            batch = next(batches, _EXHAUSTED)
+            if self._rng_after_restore is not None:
+                # Creating the skipping iterator drew from the RNGs; the original run
+                # had drawn that before its checkpoint, so put the saved state back.
+                self._restore_rng_after_resume()
+            if batch is _EXHAUSTED:  # a dataloader without len() ended early
+                return
+            yield batch_idx, batch
+            batch_idx += 1
+
+    def _restore_rng_after_resume(self) -> None:
         if self._rng_after_restore is not None:
             restore_rng_state(self._rng_after_restore)
             self._rng_after_restore = None
-        if first is None:
-            return
-        yield first
-        if first[0] + 1 >= self._epoch_batches_total:
-            return
-        for batch_idx, batch in batches:
-            yield batch_idx, batch
-            if batch_idx + 1 >= self._epoch_batches_total:
-                return
 
     def _train_batch(self, batch: Any, batch_idx: int) -> None:
-        if self._direct_updates:
+        if self.direct_updates:
             sync = self._direct_sync(batch_idx)
             self._forward_backward(batch, batch_idx)
             applied = sync and self._apply_update()
         else:
             accelerator = self.accelerator
-            if self._truncated_epoch and batch_idx + 1 == self._epoch_batches_total:
+            if self._truncated_epoch and batch_idx + 1 == self.progress.epoch_batches:
                 # Make accumulate() sync on this batch, as it would at a dataloader's end.
                 accelerator.step = self.gradient_accumulation_steps - 1
             with accelerator.accumulate(self.model):
@@ -384,22 +489,26 @@ class LoopBase(ABC):
                 applied = sync and self._apply_update()
         if sync and not applied:
             return  # vetoed (NaN guard): the bad update never reached the parameters
-        self._batches_in_epoch = batch_idx + 1
-        if sync:
-            self.step += 1
-            self._after_optimizer_step()
-            logging_step = self._is_logging_step()
-            if logging_step:
-                self._read_loss()
-            self._after_update()
-            if self._interrupt_requested(sync_point=logging_step):
-                self._stop_for_interrupt()
+        progress = self.progress
+        progress.batch = batch_idx + 1
+        if not sync:
+            progress.accumulated += 1
+            return
+        progress.accumulated = 0
+        progress.step += 1
+        self._after_optimizer_step()
+        logging_step = self._is_logging_step()
+        if logging_step:
+            self._read_loss()
+        self._after_update()
+        if self._interrupt_requested(sync_point=logging_step):
+            self._stop_for_interrupt()
 
     def _forward_backward(self, batch: Any, batch_idx: int) -> None:
         loss = self.training_step(batch, batch_idx)
-        self._pending_loss_sum += loss.detach()
-        self._pending_loss_count += 1
-        if not self._direct_updates:
+        self.pending_loss_sum += loss.detach()
+        self.pending_loss_count += 1
+        if not self.direct_updates:
             self.accelerator.backward(loss)
         elif self.gradient_accumulation_steps > 1:
             (loss / self.gradient_accumulation_steps).backward()
@@ -408,11 +517,14 @@ class LoopBase(ABC):
 
     def _direct_sync(self, batch_idx: int) -> bool:
         """Decide whether this batch completes an update, as ``accumulate()`` would:
-        every ``gradient_accumulation_steps`` batches and on the epoch's last batch.
+        every ``gradient_accumulation_steps`` batches and on the epoch's last batch
+        (the dataloader's last, when one without ``len()`` ends the epoch early).
         ``sync_gradients`` and ``accelerator.step`` (saved in checkpoints) are set to
         the values Accelerate would have given them."""
         accelerator = self.accelerator
-        if batch_idx + 1 == self._epoch_batches_total:
+        if batch_idx + 1 == self.progress.epoch_batches or (
+            self._ends_with_loader and accelerator.gradient_state.end_of_dataloader
+        ):
             accelerator.step = 0
             sync = True
         else:
@@ -434,13 +546,14 @@ class LoopBase(ABC):
 
     def _optimizer_step_was_skipped(self) -> bool:
         """Whether the grad scaler skipped the last update (inf/NaN fp16 gradients)."""
-        return not self._direct_updates and self.accelerator.optimizer_step_was_skipped
+        return not self.direct_updates and self.accelerator.optimizer_step_was_skipped
 
     def _validate(self) -> dict[str, Any]:
         self.model.eval()
         self.on_validation_start()
         with torch.no_grad():
-            for batch_idx, batch in enumerate(self.val_dataloader):
+            loader = self.val_dataloader if self.val_dataloader is not None else ()
+            for batch_idx, batch in enumerate(loader):
                 self.validation_step(batch, batch_idx)
         self.on_validation_end()
         self.model.train()
@@ -477,15 +590,15 @@ class LoopBase(ABC):
         processes the value is averaged, so every process sees (and decides on) the
         same number.
         """
-        if self._pending_loss_count == 0:
+        if self.pending_loss_count == 0:
             return self.last_loss
-        mean = self._pending_loss_sum / self._pending_loss_count
+        mean = self.pending_loss_sum / self.pending_loss_count
         if self.accelerator.num_processes > 1:
             mean = self.accelerator.reduce(mean, reduction="mean")
         self.last_loss = mean.item()
-        self._pending_loss_sum.zero_()
-        self._mark_throughput(self._pending_loss_count)
-        self._pending_loss_count = 0
+        self.pending_loss_sum.zero_()
+        self._mark_throughput(self.pending_loss_count)
+        self.pending_loss_count = 0
         return self.last_loss
 
     def _interrupt_requested(self, sync_point: bool) -> bool:
@@ -495,7 +608,7 @@ class LoopBase(ABC):
         at sync points (logging steps, epoch ends), where they meet anyway, so the
         check adds no sync to other updates.
         """
-        if self._single_process:
+        if self.single_process:
             return self._preemption.requested
         if not sync_point:
             return False
@@ -506,7 +619,8 @@ class LoopBase(ABC):
         signum = self._preemption.signal_number or signal.SIGTERM
         saved = self._on_interrupt()
         name = signal.Signals(signum).name
-        where = f"update {self.step} (epoch {self.epoch + 1}, batch {self._batches_in_epoch})"
+        progress = self.progress
+        where = f"update {progress.step} (epoch {progress.epoch + 1}, batch {progress.batch})"
         if saved:
             advice = (
                 f"checkpoint saved to {saved}; run the same command with "
@@ -530,16 +644,16 @@ class LoopBase(ABC):
         last_time, _ = self._throughput_mark
         if last_time:
             batch_size = getattr(self.train_dataloader, "total_batch_size", None) or 0
-            self._samples_per_second = batches * batch_size / max(now - last_time, 1e-9)
+            self.samples_per_second = batches * batch_size / max(now - last_time, 1e-9)
         self._throughput_mark = (now, batches)
 
     def _progress_values(self) -> dict[str, str]:
-        values = {"step": str(self.step)}
+        values = {"step": str(self.progress.step)}
         if self.last_loss is not None:
             values["loss"] = f"{self.last_loss:.4g}"
-        values["lr"] = f"{self.optimizer.param_groups[0]['lr']:.3g}"
-        if self._samples_per_second is not None:
-            values["samples/s"] = f"{self._samples_per_second:.0f}"
+        values["lr"] = f"{self.optimizer.param_groups[0]['lr']:.3g}"  # type: ignore[union-attr]
+        if self.samples_per_second is not None:
+            values["samples/s"] = f"{self.samples_per_second:.0f}"
         return values
 
     # ------------------------------------------------------------ extension points
@@ -603,9 +717,7 @@ class LoopBase(ABC):
     def _state_to_save(self) -> dict[str, Any]:
         sampler = self._shuffling_sampler()
         return {
-            "epoch": self.epoch,
-            "step": self.step,
-            "batches_in_epoch": self._batches_in_epoch,
+            "progress": self.progress.state_dict(),
             "val_metrics": dict(self.val_metrics),
             "sampler_seed": None if sampler is None else sampler.initial_seed,
             "optimizer_layout": self._optimizer_layout(),
@@ -648,14 +760,21 @@ class LoopBase(ABC):
         return sampler if hasattr(sampler, "initial_seed") else None
 
     def _load_state(self, state: dict[str, Any]) -> None:
-        self.epoch = int(state["epoch"])
-        self.step = int(state["step"])
-        self._batches_in_epoch = int(state["batches_in_epoch"])
+        progress = state.get("progress")
+        if progress is None:  # written before progress was one object
+            progress = {
+                "epoch": state.get("epoch"),
+                "step": state.get("step"),
+                "batch": state.get("batches_in_epoch"),
+                "epoch_batches": self.progress.epoch_batches,
+                "accumulated": 0,
+            }
+        self.progress.load_state_dict(progress)
         self.val_metrics = dict(state.get("val_metrics", {}))
         sampler = self._shuffling_sampler()
         if sampler is not None and state.get("sampler_seed") is not None:
             sampler.initial_seed = state["sampler_seed"]
-        if self._batches_in_epoch:
+        if self.progress.batch:
             # Called after the RNG states were restored: keep them for _epoch_batches.
             self._rng_after_restore = capture_rng_state()
 
@@ -674,7 +793,7 @@ class LoopBase(ABC):
             ("epochs", f"{self.epochs} (from epoch {self.epoch}, step {self.step})"),
             (
                 "updates per epoch",
-                f"{self.updates_per_epoch} ({self._epoch_batches_total} batches, "
+                f"{self.updates_per_epoch} ({self.progress.epoch_batches} batches, "
                 f"accumulation {self.gradient_accumulation_steps})",
             ),
         ]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 __all__ = ["MetricMonitor"]
 
@@ -32,7 +32,7 @@ class MetricMonitor:
     """
 
     metric_name: str = "loss"
-    mode: str = "min"
+    mode: Literal["min", "max"] = "min"
     min_delta: float = 0.0
     best_value: float | None = field(default=None, init=False)
     worse_count: int = field(default=0, init=False)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import signal
 import threading
 from types import FrameType
+from typing import Any
 
 __all__ = ["PreemptionGuard", "TrainingInterrupted"]
 
@@ -46,7 +47,7 @@ class PreemptionGuard:
 
     def __init__(self) -> None:
         self.signal_number: int | None = None
-        self._previous: dict[int, object] = {}
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> PreemptionGuard:
         if threading.current_thread() is threading.main_thread():

@@ -49,7 +49,9 @@ def checkpoints_to_prune(
     """
     if keep_last_k is None:
         return []
-    limit = checkpoint_order(newest, committed[newest]) if newest in committed else None
+    limit = None
+    if newest is not None and newest in committed:
+        limit = checkpoint_order(newest, committed[newest])
     rotating = sorted(
         (
             name

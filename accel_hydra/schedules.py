@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -66,6 +66,7 @@ def build_lr_scheduler(
         TypeError: the factory still lacks a required argument; the message names it.
     """
     bound = factory.keywords if isinstance(factory, functools.partial) else {}
+    parameters: Mapping[str, inspect.Parameter]
     try:
         parameters = inspect.signature(factory).parameters
     except (TypeError, ValueError):

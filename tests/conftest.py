@@ -13,7 +13,7 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from accel_hydra import LoopBase, Trainer
 
@@ -54,6 +54,16 @@ def regression_data(n: int = 96, seed: int = 0) -> TensorDataset:
         n, 1, generator=generator
     )
     return TensorDataset(x, y)
+
+
+class FixedOrderStream(IterableDataset):
+    """Samples as a stream: no ``len()``, the same order every epoch."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def __iter__(self):
+        return (self.data[i] for i in range(len(self.data)))
 
 
 def make_loader(n: int = 96, batch_size: int = 8, shuffle: bool = True, seed: int = 0):

@@ -17,6 +17,15 @@ final model and optimizer state to ``--result`` for bitwise comparison.
 - ``sigterm_after_stop``: SIGTERM half a second after ``--stop-pid`` was stopped, when
   training is blocked waiting for the stalled upload.
 
+``--signal-at PHASE:EPOCH:BATCH`` sends ``--send`` (``KILL`` or ``TERM``) at an exact
+place instead: ``train`` (inside ``training_step`` of that batch), ``val`` (inside
+``validation_step``), ``epoch_end`` (in ``on_train_epoch_end`` of that epoch, after its
+checkpoints; BATCH ignored) or ``epoch_start`` (in ``on_train_epoch_start``). EPOCH counts
+from 0. ``--epoch-length`` cuts epochs short; ``--iterable`` trains from a dataset without
+``len()`` (the same samples, in a fixed order), so ``--epoch-length`` may exceed it.
+Under ``torchrun`` with ``--uneven`` (``even_batches=False``) and ``--samples`` not a
+multiple of 16, the processes get shards of different lengths.
+
 ``--checkpoint-dir URL`` with ``--storage-options JSON`` saves to an object store
 (uploaded in the background) instead of ``PROJECT/checkpoints``.
 
@@ -39,10 +48,11 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from torch.utils.data import DataLoader
 
 from accel_hydra import MetricMonitor, Trainer
 from accel_hydra.distributed import shut_down_process_group
-from tests.conftest import ToySteps, make_loader, make_model
+from tests.conftest import FixedOrderStream, ToySteps, make_loader, make_model, regression_data
 
 
 @dataclass(kw_only=True, eq=False)
@@ -52,7 +62,21 @@ class KillableTrainer(ToySteps, Trainer):
     stop_pid: int | None = None
     stop_at: int = -1
     pause_at: int = -1
+    signal_at: tuple[str, int, int] | None = None
+    signal_number: int = signal.SIGKILL
     _killed_validation: list = field(default_factory=list)
+
+    def _signal_if_at(self, phase, epoch, batch_idx=-1):
+        where = self.signal_at
+        if where and where[0] == phase and where[1] == epoch and where[2] in (batch_idx, -1):
+            self.signal_at = None  # one signal
+            self._die(self.signal_number)
+
+    def on_train_epoch_start(self):
+        self._signal_if_at("epoch_start", self.epoch)
+
+    def on_train_epoch_end(self):
+        self._signal_if_at("epoch_end", self.epoch - 1)
 
     def _die(self, signum=signal.SIGKILL):
         os.kill(os.getpid(), signum)
@@ -65,6 +89,7 @@ class KillableTrainer(ToySteps, Trainer):
                 f.write(str(os.getpid()))
             while True:
                 time.sleep(0.1)
+        self._signal_if_at("train", self.epoch, batch_idx)
         if self.step == self.at and inside_update:
             if self.kill == "mid_epoch":
                 self._die()
@@ -74,6 +99,7 @@ class KillableTrainer(ToySteps, Trainer):
         return super().training_step(batch, batch_idx)
 
     def validation_step(self, batch, batch_idx):
+        self._signal_if_at("val", self.epoch, batch_idx)
         if self.kill == "in_validation" and self.epoch == 1 and batch_idx == 1:
             self._die()
         super().validation_step(batch, batch_idx)
@@ -112,10 +138,24 @@ def main(argv=None):
     parser.add_argument("--stop-pid", type=int, default=None)
     parser.add_argument("--stop-at", type=int, default=-1)
     parser.add_argument("--pause-at", type=int, default=-1)
+    parser.add_argument("--epoch-length", type=int, default=None)
+    parser.add_argument("--iterable", action="store_true")
+    parser.add_argument("--samples", type=int, default=96)
+    parser.add_argument("--uneven", action="store_true", help="even_batches=False")
+    parser.add_argument("--signal-at", default=None)
+    parser.add_argument("--send", choices=["KILL", "TERM"], default="KILL")
     args = parser.parse_args(argv)
     if args.retry_delays is not None:
         delays = tuple(float(d) for d in args.retry_delays.split(",") if d)
         KillableTrainer.upload_retry_delays = delays
+
+    signal_at = None
+    if args.signal_at:
+        phase, epoch, batch = args.signal_at.split(":")
+        signal_at = (phase, int(epoch), int(batch))
+    train_loader = make_loader(n=args.samples, batch_size=8, shuffle=True)
+    if args.iterable:
+        train_loader = DataLoader(FixedOrderStream(regression_data(args.samples)), batch_size=8)
 
     torch.manual_seed(0)
     model = make_model(dropout=0.2)
@@ -123,9 +163,11 @@ def main(argv=None):
     trainer = KillableTrainer(
         model=model,
         optimizer=optimizer,
-        train_dataloader=make_loader(n=96, batch_size=8, shuffle=True),
+        train_dataloader=train_loader,
         val_dataloader=make_loader(n=32, batch_size=8, shuffle=False, seed=1),
         epochs=args.epochs,
+        epoch_length=args.epoch_length,
+        even_batches=not args.uneven,
         gradient_accumulation_steps=args.accumulation,
         project_dir=args.project,
         progress_bar=False,
@@ -144,8 +186,12 @@ def main(argv=None):
         stop_at=args.stop_at,
         pause_at=args.pause_at,
         **({"storage_timeout": args.storage_timeout} if args.storage_timeout else {}),
+        signal_at=signal_at,
+        signal_number=getattr(signal, f"SIG{args.send}"),
     )
     trainer.train(seed=0)
+    if not trainer.accelerator.is_main_process:  # under torchrun: one rank writes
+        return
     torch.save(
         {
             "model": trainer.model.state_dict(),

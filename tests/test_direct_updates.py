@@ -7,8 +7,15 @@ import pytest
 import torch
 from accelerate.utils import GradientAccumulationPlugin
 from torch import nn
+from torch.utils.data import DataLoader
 
-from tests.conftest import ToyTrainer, make_loader, trainer_kwargs
+from tests.conftest import (
+    FixedOrderStream,
+    ToyTrainer,
+    make_loader,
+    regression_data,
+    trainer_kwargs,
+)
 
 
 @dataclass(kw_only=True, eq=False)
@@ -60,7 +67,7 @@ def final_state(trainer):
         "step": trainer.step,
         "epoch": trainer.epoch,
         "loss": trainer.last_loss,
-        "grad_norm": getattr(trainer, "last_grad_norm", None),
+        "grad_norm": trainer.last_grad_norm,
         "seen": trainer.seen,
     }
 
@@ -88,13 +95,20 @@ def assert_bitwise_equal(a, b, path="state"):
         # 12 batches per epoch cut to 7: the epoch ends inside an accumulation cycle.
         dict(gradient_accumulation_steps=3, epoch_length=7, clip_grad_value=0.05),
         dict(gradient_accumulation_steps=5, max_grad_norm=0.1, clip_grad_value=0.05),
+        # A stream without len() (12 batches) ends each epoch before epoch_length: its
+        # last batch must still complete the update, on both paths.
+        dict(
+            gradient_accumulation_steps=5,
+            epoch_length=14,
+            train_dataloader=DataLoader(FixedOrderStream(regression_data(96)), batch_size=8),
+        ),
     ],
-    ids=["clip-norm", "accumulate-3", "truncated-epoch", "accumulate-5-both-clips"],
+    ids=["clip-norm", "accumulate-3", "truncated-epoch", "accumulate-5-both-clips", "stream"],
 )
 def test_direct_updates_train_bitwise_like_accelerate(tmp_path, settings):
     direct = run(ObservedTrainer, tmp_path / "direct", **settings)
     accelerated = run(AcceleratedTrainer, tmp_path / "accelerated", **settings)
-    assert direct._direct_updates and not accelerated._direct_updates
+    assert direct.direct_updates and not accelerated.direct_updates
     assert direct.step > 0
     assert_bitwise_equal(final_state(direct), final_state(accelerated))
 
@@ -156,5 +170,5 @@ def test_accelerate_keeps_the_step_where_it_does_more(tmp_path, accelerator_kwar
         accelerator_kwargs=accelerator_kwargs,
         epochs=1,
     )
-    assert not trainer._direct_updates
+    assert not trainer.direct_updates
     assert trainer.step == 12

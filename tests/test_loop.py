@@ -171,3 +171,35 @@ def test_loss_is_read_only_on_logging_steps(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert loop.step == 24
     assert len(reads) == 2
+
+
+def test_train_twice_is_refused_with_a_clear_error(tmp_path):
+    trainer = RecordingLoop(**trainer_kwargs(tmp_path, epochs=1))
+    trainer.train(seed=0)
+    with pytest.raises(RuntimeError, match=r"train\(\) was already called on this RecordingLoop"):
+        trainer.train(seed=0)
+    assert trainer.step == 12  # nothing ran a second time
+
+
+@dataclass(kw_only=True, eq=False)
+class FailingRun(ToySteps, LoopBase):
+    """A user bug at update 3, then a clean-up that fails as an upload would."""
+
+    def training_step(self, batch, batch_idx):
+        if self.step == 3:
+            raise ValueError("bad batch in the user's training_step")
+        return super().training_step(batch, batch_idx)
+
+    def _after_train(self):
+        super()._after_train()
+        raise OSError("upload of s3://bucket/run/step_3 failed")
+
+
+def test_a_failing_clean_up_never_replaces_the_users_exception(tmp_path, capsys):
+    trainer = FailingRun(**trainer_kwargs(tmp_path, epochs=1))
+    with pytest.raises(ValueError, match="bad batch") as raised:
+        trainer.train(seed=0)
+    note = "the clean-up failed too: OSError: upload of s3://bucket/run/step_3 failed"
+    assert note in capsys.readouterr().err
+    if sys.version_info >= (3, 11):
+        assert any(note in line for line in raised.value.__notes__)

@@ -309,7 +309,8 @@ class CheckpointMixin(MetricMonitoringMixin):
             shutil.rmtree(staged, ignore_errors=True)
 
     def _progress(self) -> tuple[int, int, int]:
-        return (self.step, self.epoch, self._batches_in_epoch)
+        progress = self.progress
+        return (progress.step, progress.epoch, progress.batch)
 
     def _prune(self, newest: str) -> None:
         protected = {self.resumed_from} if self.resumed_from else set()
@@ -333,10 +334,11 @@ class CheckpointMixin(MetricMonitoringMixin):
 
     def _after_update(self) -> None:
         super()._after_update()
-        if self.save_every_n_steps and self.step % self.save_every_n_steps == 0:
-            self.save_checkpoint(f"step_{self.step}")
-        if self.permanent_save_every_n_steps and self.step % self.permanent_save_every_n_steps == 0:
-            self.save_checkpoint(f"permanent_step_{self.step}")
+        step = self.progress.step
+        if self.save_every_n_steps and step % self.save_every_n_steps == 0:
+            self.save_checkpoint(f"step_{step}")
+        if self.permanent_save_every_n_steps and step % self.permanent_save_every_n_steps == 0:
+            self.save_checkpoint(f"permanent_step_{step}")
 
     def _epoch_end_checkpoint(self, metrics: dict[str, Any]) -> None:
         super()._epoch_end_checkpoint(metrics)
@@ -427,7 +429,9 @@ class CheckpointMixin(MetricMonitoringMixin):
             if target == "latest":
                 self._restore_latest()
             else:
-                self._restore_from(*self._resolve_resume_target(target))
+                store, name = self._resolve_resume_target(target)
+                if name is not None:  # None only for "latest", handled above
+                    self._restore_from(store, name)
         except BaseException:
             # train() calls _after_train only once training began: let go here.
             self._release_run_lock()
@@ -496,7 +500,7 @@ class CheckpointMixin(MetricMonitoringMixin):
         self._last_saved = self._progress()
         self._say(
             f"accel_hydra: resumed from {store.display(name)} "
-            f"(epoch {self.epoch}, step {self.step}, batch {self._batches_in_epoch})"
+            f"(epoch {self.epoch}, step {self.step}, batch {self.progress.batch})"
         )
 
     def _fetch_verified(self, store: CheckpointStore, name: str) -> str:

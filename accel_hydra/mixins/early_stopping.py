@@ -50,8 +50,8 @@ class EarlyStoppingMixin(MetricMonitoringMixin):
         if self.stop_on_nan and self.nonfinite_loss_step is None:
             # One read per update: the price of never applying a NaN update. Reading the
             # sum itself costs one op; a NaN or infinity anywhere keeps the sum non-finite.
-            total = self._pending_loss_sum
-            if not self._single_process:
+            total = self.pending_loss_sum
+            if not self.single_process:
                 total = self.accelerator.reduce(total, reduction="sum")
             if not math.isfinite(total.item()):
                 self._stop_for_nonfinite_loss(step=self.step + 1, skipped=True)

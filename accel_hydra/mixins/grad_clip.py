@@ -37,11 +37,10 @@ class GradClipMixin(LoopBase):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be > 0 or None, got {value}")
-        self.last_grad_norm: torch.Tensor | None = None
 
     def _before_optimizer_step(self) -> None:
         super()._before_optimizer_step()
-        if self._direct_updates:  # no grad scaler, no shards: what Accelerate would call
+        if self.direct_updates:  # no grad scaler, no shards: what Accelerate would call
             clip_value, clip_norm = torch.nn.utils.clip_grad_value_, torch.nn.utils.clip_grad_norm_
         else:
             clip_value = self.accelerator.clip_grad_value_

@@ -7,7 +7,7 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import fsspec
 from accelerate.tracking import GeneralTracker
@@ -75,7 +75,7 @@ class LoggingMixin(LoopBase):
 
     log_dir: str | None = None
     log_every_n_steps: int = 50
-    report_to: str | None = "tensorboard"
+    report_to: Literal["tensorboard"] | None = "tensorboard"
     log_storage_options: dict | None = None
 
     def __post_init__(self) -> None:
@@ -114,7 +114,7 @@ class LoggingMixin(LoopBase):
             self._writer.add_scalar(key, value, global_step=self.step if step is None else step)
 
     def _is_logging_step(self) -> bool:
-        return super()._is_logging_step() or self.step % self.log_every_n_steps == 0
+        return super()._is_logging_step() or self.progress.step % self.log_every_n_steps == 0
 
     def _after_prepare(self) -> None:
         super()._after_prepare()
@@ -130,19 +130,19 @@ class LoggingMixin(LoopBase):
 
     def _before_optimizer_step(self) -> None:
         super()._before_optimizer_step()
-        if (self.step + 1) % self.log_every_n_steps == 0:
-            self._lr_of_update = self.optimizer.param_groups[0]["lr"]
+        if (self.progress.step + 1) % self.log_every_n_steps == 0:
+            self._lr_of_update = self.optimizer.param_groups[0]["lr"]  # type: ignore[union-attr]
 
     def _after_update(self) -> None:
         super()._after_update()
-        if self._writer is None or self.step % self.log_every_n_steps:
+        if self._writer is None or self.progress.step % self.log_every_n_steps:
             return
         self.log(
             {
                 "train/loss": self.last_loss,
                 "train/lr": self._lr_of_update,
-                "train/grad_norm": getattr(self, "last_grad_norm", None),
-                "train/samples_per_sec": self._samples_per_second,
+                "train/grad_norm": self.last_grad_norm,
+                "train/samples_per_sec": self.samples_per_second,
             }
         )
 

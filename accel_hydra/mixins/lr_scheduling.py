@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-from torch.optim.lr_scheduler import ReduceLROnPlateau
+from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
 from accel_hydra.mixins.monitoring import MetricMonitoringMixin
 from accel_hydra.schedules import build_lr_scheduler, is_lr_scheduler, warmup_length
@@ -35,8 +36,10 @@ class LRSchedulingMixin(MetricMonitoringMixin):
     process); its state is saved in every checkpoint.
     """
 
-    lr_scheduler: Any = None
-    lr_scheduler_interval: str = "step"
+    lr_scheduler: (
+        LRScheduler | ReduceLROnPlateau | Callable[..., LRScheduler | ReduceLROnPlateau] | None
+    ) = None
+    lr_scheduler_interval: Literal["step", "epoch"] = "step"
     warmup_steps: int | None = None
     warmup_ratio: float | None = None
 
@@ -102,22 +105,22 @@ class LRSchedulingMixin(MetricMonitoringMixin):
             and self.lr_scheduler_interval == "step"
             and not self._optimizer_step_was_skipped()
         ):
-            self.lr_scheduler.step()
+            self.lr_scheduler.step()  # type: ignore[union-attr]
 
     def _epoch_end_schedule(self, metrics: dict[str, Any]) -> None:
         super()._epoch_end_schedule(metrics)
         if self.lr_scheduler is None or self.lr_scheduler_interval != "epoch":
             return
         if isinstance(self.lr_scheduler, ReduceLROnPlateau):
-            if metrics:
+            if metrics and self.metric_monitor is not None:  # required: see _after_prepare
                 self.lr_scheduler.step(self.metric_monitor.value_from(metrics))
         else:
-            self.lr_scheduler.step()
+            self.lr_scheduler.step()  # type: ignore[union-attr]
 
     def _state_to_save(self) -> dict[str, Any]:
         state = super()._state_to_save()
         if self.lr_scheduler is not None:
-            state["lr_scheduler"] = self.lr_scheduler.state_dict()
+            state["lr_scheduler"] = self.lr_scheduler.state_dict()  # type: ignore[union-attr]
             state["lr_scheduler_class"] = type(self.lr_scheduler).__name__
             state["lr_scheduler_sized_for"] = self._sized_for
         return state
@@ -156,7 +159,7 @@ class LRSchedulingMixin(MetricMonitoringMixin):
                 f"{self.updates_per_epoch} updates per epoch). Resume with the original "
                 "epochs and batch settings, or start a new run"
             )
-        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])  # type: ignore[union-attr]
 
     def _summary_lines(self) -> list[tuple[str, str]]:
         lines = super()._summary_lines()

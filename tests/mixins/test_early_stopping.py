@@ -96,7 +96,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     store = CheckpointStore(trainer.checkpoint_dir)
     assert sorted(store.committed()) == ["epoch_1", "step_15"]
     state = load_trainer_state(f"{trainer.checkpoint_dir}/step_15/{TRAINER_STATE_FILE}")
-    assert state["step"] == 15
+    assert state["progress"]["step"] == 15
     from safetensors.torch import load_file
 
     weights = load_file(f"{trainer.checkpoint_dir}/step_15/model.safetensors")
