@@ -50,7 +50,7 @@ Services the loop offers to mixins (call them; do not override):
 Public attributes mixins read (see :class:`LoopBase`): ``progress``, ``accelerator``,
 ``pending_loss_sum``, ``pending_loss_count``, ``last_loss``, ``last_grad_norm``,
 ``samples_per_second``, ``single_process``, ``direct_updates``, ``updates_per_epoch``,
-``val_metrics``, ``should_stop_training``.
+``val_metrics``, ``should_stop_training``, ``interrupt_signal``.
 """
 
 from __future__ import annotations
@@ -633,6 +633,15 @@ class LoopBase(ABC):
             print(message, file=sys.stderr, flush=True)
         raise TrainingInterrupted(signum, message)
 
+    @property
+    def interrupt_signal(self) -> int | None:
+        """The signal (SIGTERM, SIGINT) that asked this process to stop, or None.
+
+        Set from the moment the signal arrives; a mixin that waits during a
+        preemption save (for an upload) uses it to exit with the right status.
+        """
+        return self._preemption.signal_number
+
     def _say(self, message: str) -> None:
         """Print a status line on the main process, flushed at once: a run can be
         killed at any moment, and what it said last matters most then."""
@@ -725,7 +734,7 @@ class LoopBase(ABC):
 
     def _optimizer_layout(self) -> dict[str, Any]:
         """The optimizer's class and tensors per param group: what its state must fit."""
-        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
+        optimizer: Any = getattr(self.optimizer, "optimizer", self.optimizer)
         return {
             "class": type(optimizer).__name__,
             "param_groups": [len(group["params"]) for group in optimizer.param_groups],

@@ -285,6 +285,7 @@ class RemoteLease:
         self._me = None
 
     def _write(self) -> None:
+        assert self._me is not None, "the lease is written only while held"
         data = self._me.to_json().encode()
         try:
             self.fs.pipe_file(self.path, data)

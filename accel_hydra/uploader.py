@@ -64,7 +64,7 @@ class _Job:
         self.progress = progress or UploadProgress()
         self.error: BaseException | None = None
         self.abandoned = threading.Event()
-        self.thread: threading.Thread | None = None
+        self.thread: threading.Thread  # set by BackgroundUploader.submit
 
 
 class BackgroundUploader:

@@ -255,14 +255,14 @@ class CheckpointMixin(MetricMonitoringMixin):
             return guard.signal_number
         if not self._interrupting:
             return None
-        # The loop's guard knows which signal started the preemption save.
-        preemption = getattr(self, "_preemption", None)
-        return getattr(preemption, "signal_number", None) or signal.SIGTERM
+        # The loop knows which signal started the preemption save.
+        return self.interrupt_signal or signal.SIGTERM
 
     def _wait_for_uploads_on_every_process(self) -> None:
         """Like :meth:`wait_for_uploads`, but a failure stops every process, not only
         the main one that ran the upload (the others would wait for it forever)."""
-        error = outcome = None
+        error: BaseException | None = None
+        outcome: tuple[int, str] | None = None
         if self.accelerator.is_main_process:
             try:
                 self._wait_for_upload()
@@ -379,22 +379,22 @@ class CheckpointMixin(MetricMonitoringMixin):
         accelerator, store = self.accelerator, self.checkpoint_store
         outcome: tuple[str | None, str | None] = (None, None)
         if accelerator.is_main_process:
-            run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+            new_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
             try:
                 store.check_bucket()
                 if store.is_local:
-                    self._run_lock = LocalRunLock(store.root, run_id)
+                    self._run_lock = LocalRunLock(store.root, new_id)
                 else:
                     where = redact(store.display())
                     self._run_lock = RemoteLease(
-                        store.fs, store.root, where, run_id, self.lease_seconds
+                        store.fs, store.root, where, new_id, self.lease_seconds
                     )
                 notice = self._run_lock.acquire()
                 if notice:
                     print(notice, file=sys.stderr, flush=True)
                 # Only with the lock held: every stage left is then a dead run's.
                 store.recover()
-                outcome = (run_id, None)
+                outcome = (new_id, None)
             except Exception as err:
                 self._run_lock = None
                 outcome = (None, str(err))
