@@ -170,6 +170,8 @@ def failures(args) -> dict:
             seen[case] = None
         except Exception as err:
             seen[case] = [type(err).__name__, str(err), trainer.step]
+        if where == "remote":  # asked of Accelerate's state on both ranks, as a save does
+            seen["several_machines"] = trainer._stages_per_machine()
         AcceleratorState._reset_state()
         GradientState._reset_state()
     return seen

@@ -113,6 +113,7 @@ def assert_every_rank_got_the_same_clear_error(out, cases):
 
 
 def run_failures(tmp_path, s3, cases, machines):
+    """Run ``cases`` in one pair of processes (no launcher: no ``LOCAL_WORLD_SIZE``)."""
     out = tmp_path / "out"
     args = ["failures", "--out", out, "--project", tmp_path / "p"]
     args += ["--bucket", s3.new_bucket(), "--storage-options", json.dumps(s3.storage_options)]
@@ -121,6 +122,9 @@ def run_failures(tmp_path, s3, cases, machines):
     codes, outputs = two_processes(tmp_path, *args, machines=machines)
     assert codes == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
     assert_every_rank_got_the_same_clear_error(out, cases)
+    # Machines are counted from Accelerate's state, not from a launcher's variables
+    # (which Accelerate itself fills with a 1 on CPU when they are missing).
+    assert [seen["several_machines"] for seen in ranks(out, "failures")] == [machines == 2] * 2
 
 
 def test_a_failure_on_one_rank_between_collectives_reaches_both(tmp_path, s3):
