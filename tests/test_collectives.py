@@ -59,13 +59,9 @@ def ranks(out, scenario):
 # ------------------------------------------------------------------- preemption
 
 
-def test_sigterm_to_one_rank_of_a_lean_trainer_stops_both_within_one_update(tmp_path):
+def sigterm_rank_1_in_update_3(tmp_path):
     """CheckpointMixin + LoopBase only (no logging steps): SIGTERM reaches rank 1 during
     update 3; both ranks agree at the end of update 4, save step_4 and exit 143."""
-    preempt = ("preempt", "--out", tmp_path / "full", "--project", tmp_path / "full")
-    codes, outputs = two_processes(tmp_path, *preempt)
-    assert codes == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
-
     run = ("preempt", "--out", tmp_path / "run", "--project", tmp_path / "run")
     codes, outputs = two_processes(tmp_path, *run, "--sigterm-rank", 1, "--at", 2)
     assert codes == [143, 143], outputs[0][1][-3000:] + outputs[1][1][-3000:]
@@ -75,6 +71,19 @@ def test_sigterm_to_one_rank_of_a_lean_trainer_stops_both_within_one_update(tmp_
     files = store.read_marker("step_4")["files"]
     assert {"random_states_0.pkl", "random_states_1.pkl"} <= set(files)
     assert "interrupted by SIGTERM at update 4" in outputs[0][1]
+    return run
+
+
+def test_sigterm_to_one_rank_of_a_lean_trainer_stops_both_within_one_update(tmp_path):
+    sigterm_rank_1_in_update_3(tmp_path)
+
+
+@pytest.mark.full_grid
+def test_the_run_preempted_on_one_rank_resumes_bitwise(tmp_path):
+    run = sigterm_rank_1_in_update_3(tmp_path)
+    full = ("preempt", "--out", tmp_path / "full", "--project", tmp_path / "full")
+    codes, outputs = two_processes(tmp_path, *full)
+    assert codes == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
 
     codes, outputs = two_processes(tmp_path, *run, "--resume", "latest")
     assert codes == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
@@ -134,5 +143,6 @@ def test_a_failure_on_one_rank_between_collectives_reaches_both(tmp_path, s3):
     run_failures(tmp_path, s3, ONE_MACHINE, machines=1)
 
 
+@pytest.mark.full_grid
 def test_on_two_machines_an_upload_or_commit_failure_reaches_both(tmp_path, s3):
     run_failures(tmp_path, s3, TWO_MACHINES, machines=2)
