@@ -137,9 +137,15 @@ def run_failures(tmp_path, s3, cases, machines):
 
 
 def test_a_failure_on_one_rank_between_collectives_reaches_both(tmp_path, s3):
-    """Pruning (local and after a background upload), the trainer state, the commit and
-    the metric agreement, each failing on one rank: both ranks raise the same error
-    naming the step and the rank, and go on to the next case (no one is left waiting)."""
+    """Pruning after a background upload, the commit and the metric agreement, each
+    failing on one rank: both ranks raise the same error naming the step and the rank,
+    and go on to the next case (no one is left waiting)."""
+    run_failures(tmp_path, s3, ["prune_async:0", "commit:0", "metrics:1"], machines=1)
+
+
+@pytest.mark.full_grid
+def test_every_one_machine_failure_on_either_rank_reaches_both(tmp_path, s3):
+    """Also the trainer state, local pruning and the metrics failing on rank 0."""
     run_failures(tmp_path, s3, ONE_MACHINE, machines=1)
 
 
