@@ -70,8 +70,14 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 
 from accel_hydra.console import EpochProgress, format_summary
 from accel_hydra.direct_updates import direct_updates_are_exact
-from accel_hydra.distributed import launched_without_gpus
-from accel_hydra.preemption import PreemptionGuard, TrainingInterrupted
+from accel_hydra.distributed import (
+    fail_together,
+    launched_without_gpus,
+    leave_process_group_at_exit,
+    note_exit_status,
+    process_group_exists,
+)
+from accel_hydra.preemption import InterruptAgreement, PreemptionGuard, TrainingInterrupted
 from accel_hydra.progress import Progress
 from accel_hydra.rng import capture_rng_state, restore_rng_state
 
@@ -184,6 +190,7 @@ class LoopBase(ABC):
         self._throughput_mark = (0.0, 0)
         self._rng_after_restore: dict[str, Any] | None = None
         self._preemption = PreemptionGuard()
+        self._interrupt_agreement = InterruptAgreement()
         self._stepped_optimizer: Any = None
         self._train_called = False
 
@@ -342,7 +349,10 @@ class LoopBase(ABC):
 
     def setup_accelerator(self) -> None:
         """Create the ``Accelerator`` and prepare model, optimizer and dataloaders."""
+        group_existed = process_group_exists()
         self.accelerator = Accelerator(**self._accelerator_kwargs())
+        if not group_existed:
+            leave_process_group_at_exit()
         if not isinstance(self.optimizer, torch.optim.Optimizer) and callable(self.optimizer):
             self.optimizer = self.optimizer(self.model.parameters())
         prepared = [self.model, self.optimizer, self.train_dataloader]
@@ -501,7 +511,7 @@ class LoopBase(ABC):
         if logging_step:
             self._read_loss()
         self._after_update()
-        if self._interrupt_requested(sync_point=logging_step):
+        if self._interrupt_requested(sync_point=False):
             self._stop_for_interrupt()
 
     def _forward_backward(self, batch: Any, batch_idx: int) -> None:
@@ -557,12 +567,14 @@ class LoopBase(ABC):
                 self.validation_step(batch, batch_idx)
         self.on_validation_end()
         self.model.train()
-        metrics = self.get_val_metrics() or {}
-        if not isinstance(metrics, dict):
-            raise TypeError(
-                f"get_val_metrics() must return a dict of metric name -> value, "
-                f"got {type(metrics).__name__}"
-            )
+        # An error on one process alone would leave the others in the metric average.
+        with fail_together(self.accelerator, "get_val_metrics()"):
+            metrics = self.get_val_metrics() or {}
+            if not isinstance(metrics, dict):
+                raise TypeError(
+                    f"get_val_metrics() must return a dict of metric name -> value, "
+                    f"got {type(metrics).__name__}"
+                )
         self.val_metrics = self._agree_on_metrics(metrics)
         if self.val_metrics:
             shown = " ".join(f"{k}={v:.4g}" for k, v in sorted(self.val_metrics.items()))
@@ -604,16 +616,17 @@ class LoopBase(ABC):
     def _interrupt_requested(self, sync_point: bool) -> bool:
         """Whether a preemption signal asks to stop now, agreed by every process.
 
-        One process acts on its own signal at once. Several processes agree on it only
-        at sync points (logging steps, epoch ends), where they meet anyway, so the
-        check adds no sync to other updates.
+        One process acts on its own signal at once. Several processes agree after every
+        update, whatever mixins are composed: a signal on any of them stops all at the
+        same update, one update later at most (``InterruptAgreement``, no device sync);
+        at a ``sync_point`` (an epoch end) they agree at once.
         """
         if self.single_process:
             return self._preemption.requested
-        if not sync_point:
-            return False
-        flag = torch.tensor(float(self._preemption.requested), device=self.accelerator.device)
-        return bool(self.accelerator.reduce(flag, reduction="max").item())
+        requested = self._preemption.requested
+        if sync_point:
+            return self._interrupt_agreement.now(requested)
+        return self._interrupt_agreement.poll(requested)
 
     def _stop_for_interrupt(self) -> None:
         signum = self._preemption.signal_number or signal.SIGTERM
@@ -631,6 +644,7 @@ class LoopBase(ABC):
         message = f"accel_hydra: interrupted by {name} at {where}; {advice}"
         if self.accelerator.is_main_process:
             print(message, file=sys.stderr, flush=True)
+        note_exit_status(128 + signum)
         raise TrainingInterrupted(signum, message)
 
     @property

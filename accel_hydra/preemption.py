@@ -14,7 +14,9 @@ import threading
 from types import FrameType
 from typing import Any
 
-__all__ = ["PreemptionGuard", "TrainingInterrupted"]
+import torch
+
+__all__ = ["InterruptAgreement", "PreemptionGuard", "TrainingInterrupted"]
 
 
 class TrainingInterrupted(SystemExit):
@@ -69,3 +71,59 @@ class PreemptionGuard:
     @property
     def requested(self) -> bool:
         return self.signal_number is not None
+
+
+class InterruptAgreement:
+    """Agree on every process, within one update, whether any of them was signalled.
+
+    A cluster may signal only some processes of a job, and every process must stop at
+    the same update or the others wait forever in the next collective. No collective
+    that runs anyway can carry the flag (the gradient all-reduce sums gradients), so
+    each update starts a one-number all-reduce (max) of the flag without waiting for
+    it, and reads the one started an update earlier, long finished by then. The cost
+    per update is that small message, never a wait on the device: the flag lives on
+    the CPU, in a gloo group of its own when the main backend is not gloo (NCCL).
+
+    Call :meth:`poll` once per update and :meth:`now` at epoch ends, on every process
+    in the same order.
+    """
+
+    def __init__(self) -> None:
+        self._pending: tuple[Any, torch.Tensor] | None = None
+        self._group: Any = None
+        self._group_ready = False
+
+    def poll(self, requested: bool) -> bool:
+        """Whether any process had been signalled one update ago; starts this update's
+        exchange of ``requested``."""
+        if self._finish():
+            return True
+        self._pending = self._start(requested)
+        return False
+
+    def now(self, requested: bool) -> bool:
+        """Whether any process has been signalled by now; waits for the answer."""
+        if self._finish():
+            return True
+        work, flag = self._start(requested)
+        work.wait()
+        return bool(flag.item())
+
+    def _finish(self) -> bool:
+        if self._pending is None:
+            return False
+        (work, flag), self._pending = self._pending, None
+        work.wait()
+        return bool(flag.item())
+
+    def _start(self, requested: bool) -> tuple[Any, torch.Tensor]:
+        import torch.distributed as dist
+
+        if not self._group_ready:
+            # Created on the first update, reached by every process at the same point.
+            if dist.get_backend() != "gloo":
+                self._group = dist.new_group(backend="gloo")
+            self._group_ready = True
+        flag = torch.tensor([float(requested)])
+        work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group, async_op=True)
+        return work, flag

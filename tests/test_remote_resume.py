@@ -78,11 +78,13 @@ def test_two_processes_and_two_machines_save_to_s3_and_resume_bitwise(tmp_path, 
     stage in the background. The killed and the resumed runs pose as two machines,
     each process with its own temp dir (its own "local disk"): each must upload what
     it staged itself, or the checkpoint lacks rank 1's random state and resume fails.
+    The machines are told apart from Accelerate's state alone: no LOCAL_WORLD_SIZE.
     """
     options = json.dumps(s3.storage_options)
     common = ["-m", "tests.resume_harness", "--project", str(tmp_path), "--epochs", "2",
               "--storage-options", options]  # fmt: skip
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    env = {k: v for k, v in os.environ.items() if k != "LOCAL_WORLD_SIZE"}
+    env.update(ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
 
     def one_machine(url, result):
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
@@ -97,7 +99,7 @@ def test_two_processes_and_two_machines_save_to_s3_and_resume_bitwise(tmp_path, 
             disk = tmp_path / f"machine{rank}_{port}"
             disk.mkdir()
             machine = {"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": "0",
-                       "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_ADDR": "127.0.0.1",
                        "MASTER_PORT": port, "TMPDIR": str(disk)}  # fmt: skip
             command = [sys.executable, *common, "--checkpoint-dir", url,
                        "--result", f"{result}.{rank}", *map(str, args)]  # fmt: skip

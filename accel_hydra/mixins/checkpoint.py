@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 from accelerate.utils import broadcast_object_list, gather_object
 
+from accel_hydra.distributed import DistributedStepError, fail_together
 from accel_hydra.mixins.monitoring import MetricMonitoringMixin
 from accel_hydra.preemption import PreemptionGuard, TrainingInterrupted
 from accel_hydra.redaction import redact
@@ -147,6 +148,7 @@ class CheckpointMixin(MetricMonitoringMixin):
         self._uploader = BackgroundUploader(self.upload_retry_delays, stall_timeout=stall)
         self._run_lock: LocalRunLock | RemoteLease | None = None
         self._interrupting = False
+        self._several_machines: bool | None = None
 
     # ----------------------------------------------------------------- saving
 
@@ -168,11 +170,12 @@ class CheckpointMixin(MetricMonitoringMixin):
             store.clear_staging(name)
         accelerator.wait_for_everyone()
         accelerator.save_state(staged)
-        if accelerator.is_main_process:
-            for index, obj in enumerate(self.checkpoint_objects):
-                save_object_state(obj.state_dict(), os.path.join(staged, object_state_file(index)))
-            save_trainer_state(self._state_to_save(), os.path.join(staged, TRAINER_STATE_FILE))
-        accelerator.wait_for_everyone()
+        with fail_together(accelerator, f"writing checkpoint {store.display(name)}"):
+            if accelerator.is_main_process:
+                for index, obj in enumerate(self.checkpoint_objects):
+                    path = os.path.join(staged, object_state_file(index))
+                    save_object_state(obj.state_dict(), path)
+                save_trainer_state(self._state_to_save(), os.path.join(staged, TRAINER_STATE_FILE))
         step, epoch, batches = self._progress()
         info = {"step": step, "epoch": epoch, "batches_in_epoch": batches}
         if store.is_remote and self._stages_per_machine():
@@ -193,9 +196,11 @@ class CheckpointMixin(MetricMonitoringMixin):
                 )
             if not self.async_upload:  # the same upload and retries, waited for here
                 self._wait_for_uploads_on_every_process()
-        elif accelerator.is_main_process:
-            store.commit(name, staged, info)
-            self._prune(newest=name)
+        else:
+            with fail_together(accelerator, f"committing checkpoint {store.display(name)}"):
+                if accelerator.is_main_process:
+                    store.commit(name, staged, info)
+                    self._prune(newest=name)
         accelerator.wait_for_everyone()
         self._last_saved = self._progress()
         self._last_saved_name = name
@@ -260,30 +265,52 @@ class CheckpointMixin(MetricMonitoringMixin):
 
     def _wait_for_uploads_on_every_process(self) -> None:
         """Like :meth:`wait_for_uploads`, but a failure stops every process, not only
-        the main one that ran the upload (the others would wait for it forever)."""
+        the main one that ran the upload (the others would wait for it forever): a
+        failed upload as :class:`CheckpointUploadError`, a signal during the wait as
+        :class:`TrainingInterrupted`, a failed pruning after it as
+        :class:`~accel_hydra.distributed.DistributedStepError`."""
         error: BaseException | None = None
-        outcome: tuple[int, str] | None = None
+        outcome: tuple[str, int, str] | None = None
         if self.accelerator.is_main_process:
             try:
                 self._wait_for_upload()
             except TrainingInterrupted as err:
-                error, outcome = err, (err.signal_number, err.message)
+                error, outcome = err, ("interrupt", err.signal_number, err.message)
             except CheckpointUploadError as err:
-                error, outcome = err, (0, str(err))
+                error, outcome = err, ("upload", 0, str(err))
+            except Exception as err:
+                if self.accelerator.num_processes == 1:
+                    raise
+                error, outcome = err, ("other", 0, f"{type(err).__name__}: {err}")
         if self.accelerator.num_processes > 1:
             outcome = broadcast_object_list([outcome])[0]
         if error is not None:
             raise error
         if outcome is not None:
-            signum, message = outcome
-            if signum:
+            kind, signum, message = outcome
+            if kind == "interrupt":
                 raise TrainingInterrupted(signum, message)
-            raise CheckpointUploadError(message)
+            if kind == "upload":
+                raise CheckpointUploadError(message)
+            raise DistributedStepError(
+                f"the checkpoint upload in flight failed on process 0 with {message}; "
+                "every process stopped here"
+            )
 
     def _stages_per_machine(self) -> bool:
-        """Whether processes run on several machines, each staging on its own disk."""
-        per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", self.accelerator.num_processes))
-        return self.accelerator.num_processes > per_machine
+        """Whether processes run on several machines, each staging on its own disk.
+
+        Counted from Accelerate's own view (how many processes are the first on their
+        machine), not from a launcher's environment variables, which not every
+        launcher sets. Asked once, on every process at the same save.
+        """
+        if self._several_machines is None:
+            accelerator = self.accelerator
+            firsts = [accelerator.is_local_main_process]
+            if accelerator.num_processes > 1:
+                firsts = gather_object(firsts)
+            self._several_machines = sum(firsts) > 1
+        return self._several_machines
 
     def _upload_from_every_machine(self, name: str, staged: str, info: dict) -> None:
         """Each machine uploads what its processes staged; then the marker, once.
@@ -292,19 +319,24 @@ class CheckpointMixin(MetricMonitoringMixin):
         them to meet after their uploads.
         """
         accelerator, store = self.accelerator, self.checkpoint_store
-        if accelerator.is_main_process:
-            store.clear_target(name)
-        accelerator.wait_for_everyone()
-        uploaded = store.upload(name, staged) if accelerator.is_local_main_process else {}
-        if accelerator.is_main_process:
-            files = {}
-            for part in gather_object([uploaded]):
-                files.update(part)
-            store.write_marker(name, info, files)
-            self._prune(newest=name)
-        else:
-            gather_object([uploaded])
-        accelerator.wait_for_everyone()
+        target = store.display(name)
+        # Every step that runs on some processes only ends in an exchange of errors,
+        # so a failure anywhere stops every machine instead of leaving them waiting.
+        with fail_together(accelerator, f"clearing {target} for its upload"):
+            if accelerator.is_main_process:
+                store.clear_target(name)
+        uploaded: dict[str, dict[str, Any]] = {}
+        with fail_together(accelerator, f"uploading checkpoint {target}"):
+            if accelerator.is_local_main_process:
+                uploaded = store.upload(name, staged)
+        parts = gather_object([uploaded])
+        with fail_together(accelerator, f"committing checkpoint {target}"):
+            if accelerator.is_main_process:
+                files = {}
+                for part in parts:
+                    files.update(part)
+                store.write_marker(name, info, files)
+                self._prune(newest=name)
         if accelerator.is_local_main_process:
             shutil.rmtree(staged, ignore_errors=True)
 
@@ -316,7 +348,15 @@ class CheckpointMixin(MetricMonitoringMixin):
         protected = {self.resumed_from} if self.resumed_from else set()
         committed = self.checkpoint_store.committed()
         for name in checkpoints_to_prune(committed, self.save_last_k, protected, newest):
-            self.checkpoint_store.delete(name)
+            try:
+                self.checkpoint_store.delete(name)
+            except Exception as err:
+                raise RuntimeError(
+                    f"pruning old checkpoint {self.checkpoint_store.display(name)} failed "
+                    f"({type(err).__name__}: {err}); {newest} itself is committed. Check "
+                    f"the permissions of {self.checkpoint_store.display()}, or set "
+                    "save_last_k=None to keep every checkpoint"
+                ) from err
 
     def _on_interrupt(self) -> str | None:
         super()._on_interrupt()
@@ -329,7 +369,7 @@ class CheckpointMixin(MetricMonitoringMixin):
         elif self._last_saved_name is None:  # resumed and interrupted before any update
             return self.resumed_from and self.checkpoint_store.display(self.resumed_from)
         # The grace period before SIGKILL is short: the checkpoint must be stored now.
-        self.wait_for_uploads()
+        self._wait_for_uploads_on_every_process()
         return self.checkpoint_store.display(self._last_saved_name)
 
     def _after_update(self) -> None:

@@ -64,6 +64,12 @@ class LoggingMixin(LoopBase):
     written to a local cache and copied to ``log_dir`` after each checkpoint and when
     training ends.
 
+    Logs are as exact as checkpoints: the event files are flushed (and copied) at every
+    checkpoint, so what a checkpoint covers is on disk when it commits; a resumed run
+    opens its writer with tensorboardX's ``purge_step`` at the resumed update, so
+    TensorBoard drops what the interrupted run logged after it and shows every step
+    exactly once, with the values of an uninterrupted run.
+
     Args:
         log_dir: where event files go, a path or fsspec URL; default ``{project_dir}/logs``.
         log_storage_options: fsspec options for a remote ``log_dir``; default: the
@@ -120,13 +126,31 @@ class LoggingMixin(LoopBase):
         super()._after_prepare()
         if self.report_to is None or not self.accelerator.is_main_process:
             return
-        from tensorboardX import SummaryWriter  # imported late: only the writer needs it
-
-        self._writer = SummaryWriter(logdir=self._local_log_dir)
-        self._tracker = TensorBoardXTracker(self._writer)
-        self.accelerator.trackers.append(self._tracker)
+        self._open_writer()
         if self.config_dict:
             self._tracker.store_init_configuration(self.config_dict)
+
+    def _open_writer(self, purge_step: int | None = None) -> None:
+        from tensorboardX import SummaryWriter  # imported late: only the writer needs it
+
+        # tensorboardX names files by the second and host only; a writer reopened in
+        # the same second would truncate the previous file.
+        suffix = f".{os.getpid()}" + ("" if purge_step is None else f".from_step_{purge_step}")
+        self._writer = SummaryWriter(
+            logdir=self._local_log_dir, purge_step=purge_step, filename_suffix=suffix
+        )
+        self._tracker = TensorBoardXTracker(self._writer)
+        self.accelerator.trackers.append(self._tracker)
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        super()._load_state(state)
+        if self._writer is None:
+            return
+        # Anything logged after the resumed update belongs to a run that was cut off
+        # (a SIGKILL after a later flush): readers purge events from step + 1 on.
+        self._writer.close()
+        self.accelerator.trackers.remove(self._tracker)
+        self._open_writer(purge_step=self.step + 1)
 
     def _before_optimizer_step(self) -> None:
         super()._before_optimizer_step()
@@ -151,11 +175,16 @@ class LoggingMixin(LoopBase):
         self.log({f"val/{name}": value for name, value in metrics.items()})
 
     def sync_logs(self) -> None:
-        """Copy the local event files to a remote ``log_dir`` (main process; else no-op)."""
-        if self._writer is None or self._log_fs is None:
+        """Flush the event files to disk and copy them to a remote ``log_dir``.
+
+        Runs at every checkpoint (main process; elsewhere a no-op), so a run killed
+        later has its logs up to that checkpoint on disk, ready for the resumed run.
+        """
+        if self._writer is None:
             return
         self._writer.flush()
-        self._upload_logs()
+        if self._log_fs is not None:
+            self._upload_logs()
 
     def _upload_logs(self) -> None:
         root = self._local_log_dir
