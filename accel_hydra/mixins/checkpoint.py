@@ -13,6 +13,7 @@ from accelerate.utils import broadcast_object_list, gather_object
 from accel_hydra.mixins.monitoring import MetricMonitoringMixin
 from accel_hydra.redaction import redact
 from accel_hydra.retention import checkpoint_order, checkpoints_to_prune
+from accel_hydra.state_mismatch import CheckpointMismatchError, describe_mismatch
 from accel_hydra.storage import CheckpointCorruptError, CheckpointStore
 from accel_hydra.uploader import BackgroundUploader, CheckpointUploadError
 
@@ -237,6 +238,10 @@ class CheckpointMixin(MetricMonitoringMixin):
 
     # ----------------------------------------------------------------- resuming
 
+    def _writable_dirs(self) -> list[tuple[str, str, dict | None]]:
+        mine = ("checkpoint_dir", self.checkpoint_dir, self.storage_options)
+        return [*super()._writable_dirs(), mine]
+
     def _after_prepare(self) -> None:
         super()._after_prepare()
         for obj in self.checkpoint_objects:
@@ -338,6 +343,12 @@ class CheckpointMixin(MetricMonitoringMixin):
             self.accelerator.load_state(local_dir)
             state = torch.load(state_file, map_location="cpu", weights_only=False)
         except Exception as err:
+            mismatch = describe_mismatch(err)
+            if mismatch:  # the files are fine: another checkpoint would not fit either
+                raise CheckpointMismatchError(
+                    f"checkpoint {label} does not fit this model: {mismatch}; build the "
+                    "model with the settings of the run that saved it, or start a new run"
+                ) from err
             raise CheckpointCorruptError(
                 f"checkpoint {label} could not be loaded: {type(err).__name__}: {err}"
             ) from err
@@ -345,12 +356,16 @@ class CheckpointMixin(MetricMonitoringMixin):
 
     def _state_to_save(self) -> dict[str, Any]:
         state = super()._state_to_save()
-        state["best_checkpoint"] = self.best_checkpoint
+        # A name relative to checkpoint_dir: a moved or copied run points at its own.
+        state["best_checkpoint"] = "best" if self.best_checkpoint else None
         return state
 
     def _load_state(self, state: dict[str, Any]) -> None:
         super()._load_state(state)
-        self.best_checkpoint = state.get("best_checkpoint")
+        saved = state.get("best_checkpoint")
+        # Older checkpoints stored a full path; only its last part names the checkpoint.
+        name = str(saved).rstrip("/").rsplit("/", 1)[-1] if saved else None
+        self.best_checkpoint = self.checkpoint_store.display(name) if name else None
 
     def _summary_lines(self) -> list[tuple[str, str]]:
         lines = super()._summary_lines()

@@ -45,6 +45,16 @@ class MetricMonitoringMixin(LoopBase):
             self.metric_monitor(metrics) if self.metric_monitor is not None else False
         )
 
+    def _check_sanity_metrics(self, metrics: dict[str, Any]) -> None:
+        super()._check_sanity_metrics(metrics)
+        monitor = self.metric_monitor
+        if monitor is not None and monitor.metric_name not in metrics:
+            raise ValueError(
+                f"metric_monitor.metric_name is {monitor.metric_name!r}, but get_val_metrics() "
+                f"returned only {sorted(metrics)} (sanity validation before the first "
+                "batch); set metric_monitor.metric_name to one of them"
+            )
+
     def _state_to_save(self) -> dict[str, Any]:
         state = super()._state_to_save()
         if self.metric_monitor is not None:
