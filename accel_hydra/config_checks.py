@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import sys
 import types
 import typing
 from typing import Any
@@ -34,20 +35,34 @@ def target_parameters(target: str) -> tuple[dict[str, Any], bool] | None:
     except Exception:
         return None
     try:
-        signature = inspect.signature(obj, eval_str=True)
+        signature = inspect.signature(obj)
     except Exception:
-        try:  # an annotation that cannot be evaluated here: check names only
-            signature = inspect.signature(obj)
-        except Exception:
-            return None
+        return None
     params = {}
     any_keyword = False
     for name, param in signature.parameters.items():
         if param.kind is inspect.Parameter.VAR_KEYWORD:
             any_keyword = True
         elif param.kind is not inspect.Parameter.VAR_POSITIONAL:
-            params[name] = param.annotation
+            params[name] = _evaluated(param.annotation, obj, name)
     return params, any_keyword
+
+
+def _evaluated(annotation: Any, obj: Any, name: str) -> Any:
+    """A string annotation (``from __future__ import annotations``) as a type, read in
+    the module of the class that declared it (a dataclass field may come from a base
+    class in another module); the string itself when it cannot be evaluated."""
+    if not isinstance(annotation, str):
+        return annotation
+    owners = [
+        k for k in getattr(obj, "__mro__", ()) if name in k.__dict__.get("__annotations__", {})
+    ]
+    module = owners[0].__module__ if owners else getattr(obj, "__module__", None)
+    namespace = getattr(sys.modules.get(module), "__dict__", {})
+    try:
+        return eval(annotation, dict(namespace))  # noqa: S307 - an annotation of imported code
+    except Exception:
+        return annotation
 
 
 def closest(name: str, candidates: typing.Iterable[str]) -> str | None:
