@@ -10,11 +10,13 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import signal
 
 import pytest
 from accelerate.state import AcceleratorState, GradientState
 
 from accel_hydra.cli import main
+from accel_hydra.launcher import TrainLauncher
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join("examples", "digits", "configs", "train.yaml")
@@ -115,3 +117,40 @@ def test_a_copied_run_resumes_in_the_copy_and_leaves_the_original_alone(
     assert "epoch 3/3 validation" in capsys.readouterr().out
     assert (copy / "checkpoints" / "epoch_3").is_dir()
     assert snapshot(finished_run) == before
+
+
+class InterruptingLauncher(TrainLauncher):
+    """The digits run, sent SIGTERM by itself as its first epoch starts."""
+
+    def build_trainer(self, config):
+        trainer = super().build_trainer(config)
+        trainer.on_train_epoch_start = lambda: os.kill(os.getpid(), signal.SIGTERM)
+        return trainer
+
+
+def test_the_interrupt_message_gives_the_command_that_resumes(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    with pytest.raises(SystemExit) as stopped:
+        run(
+            "-c", CONFIG, "--launcher", f"{__name__}.InterruptingLauncher", "-o",
+            f"trainer.project_dir={run_dir}", "+trainer.progress_bar=false",
+        )  # fmt: skip
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert f"run `accel-hydra-train --resume {run_dir}`" in capsys.readouterr().err
+
+    # The advice, followed to the letter, works.
+    assert run("--resume", str(run_dir), "-o", "trainer.epochs=1") == 2  # schedule: refused
+    assert run("--resume", str(run_dir)) == 0
+    assert f"resumed from {run_dir}/checkpoints/step_1 " in capsys.readouterr().out
+
+
+def test_a_field_the_file_leaves_out_can_be_set_without_a_plus(finished_run, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir)
+    capsys.readouterr()
+    status = run(
+        "-c", CONFIG, "-o", f"trainer.project_dir={run_dir}", "trainer.epochs=2",
+        "trainer.resume_from_checkpoint=latest", "trainer.progress_bar=false",
+    )  # fmt: skip
+    assert status == 0
+    assert f"resumed from {run_dir}/checkpoints/epoch_2" in capsys.readouterr().out
