@@ -43,7 +43,7 @@ def test_a_wrong_metric_name_fails_before_the_first_batch_naming_the_keys(tmp_pa
     trainer = CountingTrainer(
         **trainer_kwargs(tmp_path, metric_monitor=MetricMonitor(metric_name="acc"))
     )
-    with pytest.raises(ValueError, match=r"'acc'.*returned only \['loss'\]"):
+    with pytest.raises(KeyError, match=r"'acc' not in get_val_metrics\(\) keys \['loss'\]"):
         trainer.train(seed=0)
     assert trainer.batches == []
     assert "accel_hydra: starting" not in capsys.readouterr().out

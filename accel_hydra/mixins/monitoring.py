@@ -47,13 +47,12 @@ class MetricMonitoringMixin(LoopBase):
 
     def _check_sanity_metrics(self, metrics: dict[str, Any]) -> None:
         super()._check_sanity_metrics(metrics)
-        monitor = self.metric_monitor
-        if monitor is not None and monitor.metric_name not in metrics:
-            raise ValueError(
-                f"metric_monitor.metric_name is {monitor.metric_name!r}, but get_val_metrics() "
-                f"returned only {sorted(metrics)} (sanity validation before the first "
-                "batch); set metric_monitor.metric_name to one of them"
-            )
+        if self.metric_monitor is None:
+            return
+        try:
+            self.metric_monitor.value_from(metrics)
+        except KeyError as err:  # the same error as after an epoch, only sooner
+            raise KeyError(f"{err.args[0]} (found by the sanity validation)") from None
 
     def _state_to_save(self) -> dict[str, Any]:
         state = super()._state_to_save()
