@@ -17,6 +17,7 @@ from accelerate.state import AcceleratorState, GradientState
 
 from accel_hydra.cli import main
 from accel_hydra.launcher import TrainLauncher
+from tests.conftest import run_module
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join("examples", "digits", "configs", "train.yaml")
@@ -154,3 +155,25 @@ def test_a_field_the_file_leaves_out_can_be_set_without_a_plus(finished_run, tmp
     )  # fmt: skip
     assert status == 0
     assert f"resumed from {run_dir}/checkpoints/epoch_2" in capsys.readouterr().out
+
+
+@pytest.mark.full_grid
+def test_resume_from_another_directory_imports_the_runs_modules(finished_run, tmp_path):
+    """config.yaml records where the run's modules came from; --resume puts it on
+    sys.path, so the command works from any directory."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir)
+    only_the_package = tmp_path / "site"
+    only_the_package.mkdir()
+    os.symlink(os.path.join(REPO, "accel_hydra"), only_the_package / "accel_hydra")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = run_module(
+        "accel_hydra.train_entry",
+        "--resume",
+        run_dir,
+        cwd=str(elsewhere),
+        env={"PYTHONPATH": str(only_the_package)},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"resumed from {run_dir}/checkpoints/epoch_2" in result.stdout
