@@ -134,13 +134,13 @@ def test_the_interrupt_message_gives_the_command_that_resumes(tmp_path, capsys):
     with pytest.raises(SystemExit) as stopped:
         run(
             "-c", CONFIG, "--launcher", f"{__name__}.InterruptingLauncher", "-o",
-            f"trainer.project_dir={run_dir}", "+trainer.progress_bar=false",
+            f"trainer.project_dir={run_dir}", "trainer.epochs=1", "+trainer.progress_bar=false",
         )  # fmt: skip
     assert stopped.value.code == 128 + signal.SIGTERM
     assert f"run `accel-hydra-train --resume {run_dir}`" in capsys.readouterr().err
 
     # The advice, followed to the letter, works.
-    assert run("--resume", str(run_dir), "-o", "trainer.epochs=1") == 2  # schedule: refused
+    assert run("--resume", str(run_dir), "-o", "trainer.epochs=2") == 2  # schedule: refused
     assert run("--resume", str(run_dir)) == 0
     assert f"resumed from {run_dir}/checkpoints/step_1 " in capsys.readouterr().out
 
