@@ -7,9 +7,10 @@ import importlib
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from accel_hydra.distributed import shut_down_process_group
-from accel_hydra.launcher import CONFIG_FILE, ConfigError, TrainLauncher
+from accel_hydra.launcher import CONFIG_FILE, RUN_INFO_KEY, ConfigError, TrainLauncher
 from accel_hydra.redaction import REDACTED, is_secret_key, redact
 from accel_hydra.sweeps import expand_sweeps
 
@@ -75,7 +76,63 @@ def _config_and_overrides(args: argparse.Namespace) -> tuple[str, list[str]]:
             f"--resume {args.resume}: no {CONFIG_FILE} there; give the run directory "
             "(the trainer's project_dir) of a run started with accel-hydra-train"
         )
-    return saved, ["++trainer.resume_from_checkpoint=latest", *args.overrides]
+    return saved, [*_resume_overrides(args.resume, saved), *args.overrides]
+
+
+def _resume_overrides(run_dir: str, saved: str) -> list[str]:
+    """Overrides that make a run continue in ``run_dir``, wherever it now lives.
+
+    The run directory given wins over the ``project_dir`` saved in its config (a
+    copied or moved run must not write into the original), and local
+    ``checkpoint_dir``/``log_dir`` paths that were inside the old run directory move
+    with it. The working directory the run's modules came from goes on ``sys.path``.
+    """
+    import yaml
+
+    try:
+        with open(saved) as f:
+            plain = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"--resume {run_dir}: cannot read {saved} ({err})") from None
+    run_dir = os.path.abspath(run_dir)
+    trainer: dict[str, Any] = plain["trainer"] if isinstance(plain.get("trainer"), dict) else {}
+    info: dict[str, Any] = plain[RUN_INFO_KEY] if isinstance(plain.get(RUN_INFO_KEY), dict) else {}
+    working_dir = info.get("working_dir")
+    if isinstance(working_dir, str) and os.path.isdir(working_dir) and working_dir not in sys.path:
+        sys.path.insert(1, working_dir)
+    overrides = [
+        "++trainer.resume_from_checkpoint=latest",
+        f"++trainer.project_dir={_quoted(run_dir)}",
+    ]
+    old = trainer.get("project_dir")
+    base = working_dir if isinstance(working_dir, str) else os.getcwd()
+    for key in ("checkpoint_dir", "log_dir"):
+        value = trainer.get(key)
+        if not isinstance(old, str) or not isinstance(value, str):
+            continue
+        if "${" in value or "://" in value:
+            continue  # an interpolation follows project_dir; a URL stays where it is
+        path = os.path.normpath(os.path.join(base, value))
+        old_abs = os.path.normpath(os.path.join(base, old))
+        if path == old_abs or path.startswith(old_abs + os.sep):
+            moved = os.path.join(run_dir, os.path.relpath(path, old_abs))
+            overrides.append(f"++trainer.{key}={_quoted(moved)}")
+    return overrides
+
+
+def _quoted(value: str) -> str:
+    """A path as a Hydra override value, whatever characters it holds."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _resume_command() -> str:
+    """The command line that continues a run (``{run_dir}`` filled in by the launcher)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return (
+            "run `accelerate launch <the same launch options> -m accel_hydra.train_entry "
+            "--resume {run_dir}`"
+        )
+    return "run `accel-hydra-train --resume {run_dir}`"
 
 
 def _run_sweep(cls: type[TrainLauncher], config: str, overrides: list[str]) -> None:
@@ -92,7 +149,9 @@ def _run_sweep(cls: type[TrainLauncher], config: str, overrides: list[str]) -> N
         if int(os.environ.get("RANK", "0")) == 0:
             shown = " ".join(_hide_secret_override(o) for o in job)
             print(f"accel-hydra-train: job {index + 1}/{len(jobs)}: {shown} -> {run_dir}")
-        cls(config, [*job, f"++trainer.project_dir={run_dir}"]).run()
+        launcher = cls(config, [*job, f"++trainer.project_dir={run_dir}"])
+        launcher.resume_advice = _resume_command()
+        launcher.run()
         # Each job builds its own Accelerator; keep the process group, drop the rest.
         AcceleratorState._reset_state()
         GradientState._reset_state()
@@ -117,10 +176,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.multirun:
             _run_sweep(cls, config, overrides)
         else:
-            cls(config, overrides).run()
+            launcher = cls(config, overrides)
+            launcher.resume_advice = _resume_command()
+            launcher.run()
     except ConfigError as err:
         # The error may quote an override or a URL verbatim: hide any credential in it.
-        print(f"accel-hydra-train: error: {redact(str(err))}", file=sys.stderr)
+        line = " ".join(redact(str(err)).split())
+        print(f"accel-hydra-train: error: {line}", file=sys.stderr)
         return 2
     shut_down_process_group()
     return 0

@@ -45,6 +45,8 @@ def main(config: DictConfig) -> None:
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     launcher = _launcher()
+    # The job saves its config.yaml, so the console script can continue it.
+    launcher.resume_advice = "run `accel-hydra-train --resume {run_dir}`"
     launcher.register_resolvers()
     launcher.run_config(config)
 

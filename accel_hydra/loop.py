@@ -18,7 +18,10 @@ first, then add your work, so any subset of mixins composes in any order):
 ===============================  =======================================================
 ``_accelerator_kwargs()``        keyword arguments for ``Accelerator`` (returns a dict)
 ``_after_prepare()``             objects are prepared: build schedulers, open writers
+``_writable_dirs()``             ``(setting, url, storage_options)`` probed before training
 ``_restore()``                   after ``_after_prepare``: load a checkpoint to resume
+``_check_sanity_metrics(m)``     the sanity validation's metrics: check what you read
+``_before_training()``           restored and checked, before the first batch: open writers
 ``_is_logging_step()``           whether this update logs (the loss is read on it)
 ``_before_optimizer_step()``     gradients of an update are complete: clip them
 ``_after_optimizer_step()``      an update happened (``self.step`` counts it): LR step
@@ -66,9 +69,9 @@ from typing import Any, ClassVar, cast
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, set_seed
 
-from accel_hydra.console import EpochProgress, format_summary
+from accel_hydra.console import EpochProgress, format_duration, format_summary
 from accel_hydra.direct_updates import direct_updates_are_exact
 from accel_hydra.distributed import (
     fail_together,
@@ -78,6 +81,7 @@ from accel_hydra.distributed import (
     process_group_exists,
 )
 from accel_hydra.preemption import InterruptAgreement, PreemptionGuard, TrainingInterrupted
+from accel_hydra.preflight import PreflightError, check_writable
 from accel_hydra.progress import Progress
 from accel_hydra.rng import capture_rng_state, restore_rng_state
 
@@ -114,7 +118,14 @@ class LoopBase(ABC):
             (``mixed_precision="bf16"``, ``cpu=True``...).
         even_batches: whether every process sees the same number of batches
             (Accelerate pads the last ones); ``False`` lets the last batches differ.
-        progress_bar: draw a progress bar on the main process.
+        progress_bar: draw a progress bar on the main process (on a terminal; when
+            standard error is not one, a plain line per epoch and every
+            ``progress_interval`` seconds instead).
+        sanity_val_batches: before the first training batch, validate on this many
+            batches and check the monitored metric is among ``get_val_metrics()``, so a
+            wrong ``metric_name`` fails in seconds, not after an epoch; ``0`` skips it.
+            It changes nothing the run depends on: random states are put back after it,
+            and ``on_validation_start`` resets your accumulators before the real pass.
 
     Attributes:
         accelerator: the ``Accelerator``, once :meth:`setup_accelerator` ran.
@@ -161,8 +172,16 @@ class LoopBase(ABC):
     accelerator_kwargs: dict = field(default_factory=dict)
     even_batches: bool = True
     progress_bar: bool = True
+    sanity_val_batches: int = 2
+
+    #: Seconds between plain progress lines when standard error is not a terminal.
+    progress_interval: ClassVar[float] = 60.0
 
     def __post_init__(self) -> None:
+        if self.sanity_val_batches < 0:
+            raise ValueError(
+                f"sanity_val_batches must be >= 0 (0 skips it), got {self.sanity_val_batches}"
+            )
         if self.epochs < 0:
             raise ValueError(f"epochs must be >= 0, got {self.epochs}")
         if self.gradient_accumulation_steps < 1:
@@ -188,6 +207,19 @@ class LoopBase(ABC):
         self._truncated_epoch = False
         self._ends_with_loader = False
         self._throughput_mark = (0.0, 0)
+        # Training time only (batches, not validation or checkpoints): throughput is
+        # samples over this clock, so a slow validation does not halve samples/s.
+        self._train_seconds = 0.0
+        self._train_clock_since: float | None = None
+        self._run_clock: tuple[float, int] | None = None
+        #: Called once the run has really started (restored, checked): the launcher
+        #: saves config.yaml here, so a run that failed to start leaves no trace.
+        self._run_start_actions: list[Callable[[], None]] = []
+        #: How to continue after an interruption, for the message; the launcher sets
+        #: the command line that resumes.
+        self.resume_advice = (
+            'build the trainer again with resume_from_checkpoint="latest" and call train()'
+        )
         self._rng_after_restore: dict[str, Any] | None = None
         self._preemption = PreemptionGuard()
         self._interrupt_agreement = InterruptAgreement()
@@ -271,7 +303,8 @@ class LoopBase(ABC):
 
         The loop, in order (``docs/trainer.rst`` draws the same flow)::
 
-            set_seed(seed); setup_accelerator(); restore checkpoint; on_train_start()
+            set_seed(seed); setup_accelerator(); check directories are writable
+            restore checkpoint; sanity validation (sanity_val_batches); on_train_start()
             while epoch < epochs and not should_stop_training:
                 on_train_epoch_start()
                 while not progress.epoch_done():   # asked before each fetch
@@ -319,7 +352,12 @@ class LoopBase(ABC):
         if seed is not None:
             set_seed(seed)
         self.setup_accelerator()
+        self._check_writable()
         self._restore()
+        self._sanity_validation()
+        self._before_training()
+        for action in self._run_start_actions:
+            action()
         self._say(format_summary("accel_hydra: starting", self._summary_lines()))
         try:
             with self._preemption:
@@ -416,7 +454,11 @@ class LoopBase(ABC):
             initial=progress.batch,
             epoch=progress.epoch,
             epochs=self.epochs,
+            interval=self.progress_interval,
         )
+        if self._run_clock is None:
+            self._run_clock = (time.perf_counter(), self._run_batches_done())
+        self._start_train_clock()
         try:
             for batch_idx, batch in self._epoch_batches():
                 self._train_batch(batch, batch_idx)
@@ -425,9 +467,12 @@ class LoopBase(ABC):
                     bar.show(self._progress_values())
                 if self.should_stop_training:
                     break
+            self._stop_train_clock()
+            self._read_loss()
+            bar.show(self._progress_values())
         finally:
+            self._stop_train_clock()
             bar.close()
-        self._read_loss()
         if self.should_stop_training:  # asked for during the batches: skip epoch-end work
             self.on_train_epoch_end()
             return
@@ -510,7 +555,9 @@ class LoopBase(ABC):
         logging_step = self._is_logging_step()
         if logging_step:
             self._read_loss()
+        self._stop_train_clock()  # logs and step checkpoints are not training time
         self._after_update()
+        self._start_train_clock()
         if self._interrupt_requested(sync_point=False):
             self._stop_for_interrupt()
 
@@ -581,6 +628,58 @@ class LoopBase(ABC):
             self._say(f"epoch {self.epoch + 1}/{self.epochs} validation: {shown}")
         return self.val_metrics
 
+    def _sanity_validation(self) -> None:
+        """Validate on ``sanity_val_batches`` batches and check the metrics they give.
+
+        Nothing the run depends on changes: the random states are put back (creating
+        a data iterator draws from them), the validation loader's pass is ended as if
+        it had run to its end, and the real validation's ``on_validation_start``
+        resets the accumulators. No metric is logged, agreed on or monitored.
+        """
+        if not self.sanity_val_batches or self.val_dataloader is None:
+            return
+        loader = self.val_dataloader
+        rng = capture_rng_state()
+        batches = iter(loader)
+        try:
+            self.model.eval()
+            self.on_validation_start()
+            with torch.no_grad():
+                for batch_idx, batch in zip(range(self.sanity_val_batches), batches, strict=False):
+                    self.validation_step(batch, batch_idx)
+            self.on_validation_end()
+            metrics = self.get_val_metrics() or {}
+        finally:
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()
+            end = getattr(loader, "end", None)  # Accelerate's loader, left mid-pass
+            if end is not None:
+                end()
+            self.model.train()
+            restore_rng_state(rng)
+        if not isinstance(metrics, dict):
+            raise TypeError(
+                f"get_val_metrics() must return a dict of metric name -> value, "
+                f"got {type(metrics).__name__}"
+            )
+        self._check_sanity_metrics(metrics)
+
+    def _check_writable(self) -> None:
+        """Probe every directory the run will write (main process); all raise alike."""
+        message = None
+        if self.accelerator.is_main_process:
+            try:
+                for label, url, options in self._writable_dirs():
+                    if url is not None:
+                        check_writable(label, url, options)
+            except PreflightError as err:
+                message = str(err)
+        if self.accelerator.num_processes > 1:
+            message = broadcast_object_list([message])[0]
+        if message is not None:
+            raise PreflightError(message)
+
     def _agree_on_metrics(self, metrics: dict[str, Any]) -> dict[str, Any]:
         """Average the metrics over processes, so every decision taken on them agrees."""
         if self.accelerator.num_processes == 1 or not metrics:
@@ -636,8 +735,8 @@ class LoopBase(ABC):
         where = f"update {progress.step} (epoch {progress.epoch + 1}, batch {progress.batch})"
         if saved:
             advice = (
-                f"checkpoint saved to {saved}; run the same command with "
-                "resume_from_checkpoint=latest to continue exactly where it stopped"
+                f"checkpoint saved to {saved}; to continue exactly where it stopped, "
+                f"{self.resume_advice}"
             )
         else:
             advice = "no checkpoint was written (add CheckpointMixin to be able to resume)"
@@ -662,13 +761,42 @@ class LoopBase(ABC):
         if self.accelerator.is_main_process:
             print(message, flush=True)
 
+    def _start_train_clock(self) -> None:
+        self._train_clock_since = time.perf_counter()
+
+    def _stop_train_clock(self) -> None:
+        if self._train_clock_since is not None:
+            self._train_seconds += time.perf_counter() - self._train_clock_since
+            self._train_clock_since = None
+
+    def _training_seconds(self) -> float:
+        """Seconds spent in training batches so far (validation and saves excluded)."""
+        running = self._train_clock_since
+        return self._train_seconds + (time.perf_counter() - running if running else 0.0)
+
     def _mark_throughput(self, batches: int) -> None:
-        now = time.perf_counter()
+        now = self._training_seconds()
         last_time, _ = self._throughput_mark
-        if last_time:
+        if now > last_time:
             batch_size = getattr(self.train_dataloader, "total_batch_size", None) or 0
-            self.samples_per_second = batches * batch_size / max(now - last_time, 1e-9)
+            self.samples_per_second = batches * batch_size / (now - last_time)
         self._throughput_mark = (now, batches)
+
+    def _run_batches_done(self) -> int:
+        progress = self.progress
+        return progress.epoch * progress.epoch_batches + progress.batch
+
+    def _eta_seconds(self) -> float | None:
+        """Wall-clock seconds to the end of the run (validation and saves included),
+        from this process's pace since it started training."""
+        if self._run_clock is None:
+            return None
+        started, batches_at_start = self._run_clock
+        done = self._run_batches_done() - batches_at_start
+        if done <= 0:
+            return None
+        left = self.epochs * self.progress.epoch_batches - self._run_batches_done()
+        return (time.perf_counter() - started) / done * max(left, 0)
 
     def _progress_values(self) -> dict[str, str]:
         values = {"step": str(self.progress.step)}
@@ -677,6 +805,9 @@ class LoopBase(ABC):
         values["lr"] = f"{self.optimizer.param_groups[0]['lr']:.3g}"  # type: ignore[union-attr]
         if self.samples_per_second is not None:
             values["samples/s"] = f"{self.samples_per_second:.0f}"
+        eta = self._eta_seconds()
+        if eta is not None:
+            values["run eta"] = format_duration(eta)
         return values
 
     # ------------------------------------------------------------ extension points
@@ -697,7 +828,16 @@ class LoopBase(ABC):
     def _after_prepare(self) -> None:
         pass
 
+    def _writable_dirs(self) -> list[tuple[str, str | None, dict | None]]:
+        return [("project_dir", self.project_dir, None)]
+
     def _restore(self) -> None:
+        pass
+
+    def _check_sanity_metrics(self, metrics: dict[str, Any]) -> None:
+        pass
+
+    def _before_training(self) -> None:
         pass
 
     def _is_logging_step(self) -> bool:

@@ -58,13 +58,14 @@ def test_module_entry_with_overrides(tmp_path):
     [
         (
             ["-o", "trainer.epoch=3"],
-            "Could not override 'trainer.epoch'. To append to your config use "
-            "+trainer.epoch=3 (config examples/digits/configs/train.yaml",
+            "-o trainer.epoch=3: examples.digits.trainer.DigitsTrainer has no parameter "
+            "'epoch' (config examples/digits/configs/train.yaml); did you mean 'trainer.epochs'?",
         ),
         (
             ["-o", "model._target_=examples.digits.model.Nope"],
             "cannot build 'model' from examples/digits/configs/train.yaml: Error locating "
-            "target 'examples.digits.model.Nope'; check model._target_",
+            "target 'examples.digits.model.Nope' (module 'examples.digits.model' has no "
+            "attribute 'Nope'); check model._target_",
         ),
         (
             ["-o", "~trainer.epochs"],

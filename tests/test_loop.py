@@ -75,7 +75,14 @@ def test_hooks_run_in_the_documented_order(tmp_path):
         ("get_val_metrics", 1),
         ("on_train_epoch_end", 1),
     ]
-    assert collapse(loop.calls) == [("on_train_start", 1), *epoch, *epoch, ("on_train_end", 1)]
+    sanity = epoch[2:6]  # sanity_val_batches=2: a short validation before anything else
+    assert collapse(loop.calls) == [
+        *sanity,
+        ("on_train_start", 1),
+        *epoch,
+        *epoch,
+        ("on_train_end", 1),
+    ]
     assert (loop.epoch, loop.step) == (2, 8)
 
 
@@ -126,7 +133,7 @@ def test_epoch_length_longer_than_loader_is_an_error(tmp_path):
 
 
 def test_setting_should_stop_training_ends_the_run(tmp_path):
-    loop = RecordingLoop(**trainer_kwargs(tmp_path, epochs=5))
+    loop = RecordingLoop(**trainer_kwargs(tmp_path, epochs=5, sanity_val_batches=0))
 
     def stop_after_third_batch(batch, batch_idx, original=loop.training_step):
         if loop.step == 3:

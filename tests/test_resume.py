@@ -112,7 +112,7 @@ def test_sigterm_checkpoints_and_exits_nonzero(tmp_path, reference):
     interrupted = harness(tmp_path, tmp_path / "unused.pt", "--kill", "sigterm", "--at", 18)
     assert interrupted.returncode == 128 + signal.SIGTERM
     assert "interrupted by SIGTERM at update 19" in interrupted.stderr
-    assert "resume_from_checkpoint=latest" in interrupted.stderr
+    assert 'resume_from_checkpoint="latest"' in interrupted.stderr
     assert CheckpointStore(str(tmp_path / "checkpoints")).latest() == "step_19"
 
     resumed = harness(tmp_path, tmp_path / "result.pt", "--resume", "latest")

@@ -29,6 +29,7 @@ from accel_hydra.safe_state import (
     save_object_state,
     save_trainer_state,
 )
+from accel_hydra.state_mismatch import CheckpointMismatchError, describe_mismatch
 from accel_hydra.storage import (
     DEFAULT_STORAGE_TIMEOUT,
     CheckpointCorruptError,
@@ -390,6 +391,10 @@ class CheckpointMixin(MetricMonitoringMixin):
 
     # ----------------------------------------------------------------- resuming
 
+    def _writable_dirs(self) -> list[tuple[str, str | None, dict | None]]:
+        mine = ("checkpoint_dir", self.checkpoint_dir, self.storage_options)
+        return [*super()._writable_dirs(), mine]
+
     def _after_prepare(self) -> None:
         self._interrupting = False
         # The lock comes before the other mixins' set-up: a run refused at start must
@@ -597,6 +602,12 @@ class CheckpointMixin(MetricMonitoringMixin):
         try:
             self.accelerator.load_state(local_dir)
         except Exception as err:
+            mismatch = describe_mismatch(err)
+            if mismatch:  # the files are fine: another checkpoint would not fit either
+                raise CheckpointMismatchError(
+                    f"checkpoint {label} does not fit this model: {mismatch}; build the "
+                    "model with the settings of the run that saved it, or start a new run"
+                ) from err
             raise CheckpointCorruptError(
                 f"checkpoint {label} could not be loaded: {type(err).__name__}: {err}"
             ) from err
@@ -654,8 +665,10 @@ class CheckpointMixin(MetricMonitoringMixin):
 
     def _load_state(self, state: dict[str, Any]) -> None:
         super()._load_state(state)
-        had_best = state.get("best_checkpoint_name") or state.get("best_checkpoint")
-        self.best_checkpoint = self.checkpoint_store.display("best") if had_best else None
+        saved = state.get("best_checkpoint_name") or state.get("best_checkpoint")
+        # Older checkpoints stored a full path; only that it existed matters: the name is
+        # always "best", under this run's checkpoint_dir (wherever the run now lives).
+        self.best_checkpoint = self.checkpoint_store.display("best") if saved else None
 
     def _summary_lines(self) -> list[tuple[str, str]]:
         lines = super()._summary_lines()

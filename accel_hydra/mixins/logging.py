@@ -122,8 +122,18 @@ class LoggingMixin(LoopBase):
     def _is_logging_step(self) -> bool:
         return super()._is_logging_step() or self.progress.step % self.log_every_n_steps == 0
 
-    def _after_prepare(self) -> None:
-        super()._after_prepare()
+    def _writable_dirs(self) -> list[tuple[str, str | None, dict | None]]:
+        dirs = super()._writable_dirs()
+        if self.report_to is not None:
+            options = self.log_storage_options
+            if options is None:
+                options = getattr(self, "storage_options", None)
+            dirs.append(("log_dir", self.log_dir, options))
+        return dirs
+
+    def _before_training(self) -> None:
+        # Not at _after_prepare: a run that fails to restore must not leave event files.
+        super()._before_training()
         if self.report_to is None or not self.accelerator.is_main_process:
             return
         self._open_writer()

@@ -45,6 +45,15 @@ class MetricMonitoringMixin(LoopBase):
             self.metric_monitor(metrics) if self.metric_monitor is not None else False
         )
 
+    def _check_sanity_metrics(self, metrics: dict[str, Any]) -> None:
+        super()._check_sanity_metrics(metrics)
+        if self.metric_monitor is None:
+            return
+        try:
+            self.metric_monitor.value_from(metrics)
+        except KeyError as err:  # the same error as after an epoch, only sooner
+            raise KeyError(f"{err.args[0]} (found by the sanity validation)") from None
+
     def _state_to_save(self) -> dict[str, Any]:
         state = super()._state_to_save()
         if self.metric_monitor is not None:
