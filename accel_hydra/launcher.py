@@ -14,6 +14,13 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from accel_hydra.compat import (
+    LOGGING_CONFIG_MESSAGE,
+    UPSTREAM_LAUNCHER_METHODS,
+    UpstreamNameError,
+    check_upstream_methods,
+    register_default_resolvers,
+)
 from accel_hydra.distributed import launched_without_gpus
 from accel_hydra.redaction import redact
 
@@ -47,6 +54,8 @@ class TrainLauncher:
     def __init__(self, config_path: str, overrides: Sequence[str] = ()) -> None:
         self.config_path = str(config_path)
         self.overrides = list(overrides)
+        _refuse_upstream_launcher(self)
+        register_default_resolvers()
 
     def run(self) -> Any:
         """Load the config, save it, build every object, train; return the trainer."""
@@ -70,7 +79,11 @@ class TrainLauncher:
         return trainer
 
     def register_resolvers(self) -> None:
-        """Register OmegaConf resolvers the config uses (none by default)."""
+        """Register OmegaConf resolvers the config uses.
+
+        ``len`` and ``multiply`` (``${multiply:${a},${b}}``) are always registered,
+        as upstream AccelHydra did; override this to add your own.
+        """
 
     def load_config(self) -> Any:
         """Compose the YAML file with the overrides.
@@ -150,6 +163,8 @@ class TrainLauncher:
         """Build every part, then the trainer from the ``trainer`` node."""
         from omegaconf import OmegaConf
 
+        if OmegaConf.select(config, "trainer.logging_config") is not None:
+            raise ConfigError(f"{LOGGING_CONFIG_MESSAGE} (config {self.config_path})")
         model = self.build_model(config)
         train_dataloader, val_dataloader = self.build_dataloaders(config)
         parts = {
@@ -194,6 +209,14 @@ class TrainLauncher:
                 f"cannot build '{where}' from {self.config_path}: {reason}{_fix_for(reason, where)}"
                 " (set HYDRA_FULL_ERROR=1 for the full traceback)"
             ) from None
+
+
+def _refuse_upstream_launcher(launcher: TrainLauncher) -> None:
+    """Stop at start when a subclass overrides an upstream method that is never called."""
+    try:
+        check_upstream_methods(launcher, UPSTREAM_LAUNCHER_METHODS, TrainLauncher)
+    except UpstreamNameError as err:
+        raise ConfigError(str(err)) from None
 
 
 def _fix_for(reason: str, key: str) -> str:

@@ -36,6 +36,7 @@ first, then add your work, so any subset of mixins composes in any order):
 from __future__ import annotations
 
 import math
+import os
 import signal
 import sys
 import time
@@ -48,6 +49,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
 
+from accel_hydra.compat import UPSTREAM_TRAINER_METHODS, ProjectDir, check_upstream_methods
 from accel_hydra.console import EpochProgress, format_summary
 from accel_hydra.direct_updates import direct_updates_are_exact
 from accel_hydra.distributed import launched_without_gpus
@@ -75,6 +77,7 @@ class LoopBase(ABC):
         epoch_length: batches per epoch (per process); default: the whole dataloader.
         gradient_accumulation_steps: batches whose gradients make one optimizer update.
         project_dir: the run directory; checkpoints and logs go below it by default.
+            Kept as a ``str`` that also works as a ``pathlib.Path`` (``project_dir / "x"``).
         config_dict: the run's configuration, stored with logs for reference.
         accelerator_kwargs: extra keyword arguments for ``accelerate.Accelerator``
             (``mixed_precision="bf16"``, ``cpu=True``...).
@@ -106,7 +109,7 @@ class LoopBase(ABC):
     epochs: int
     epoch_length: int | None = None
     gradient_accumulation_steps: int = 1
-    project_dir: str
+    project_dir: str | os.PathLike
     config_dict: dict | None = None
     accelerator_kwargs: dict = field(default_factory=dict)
     even_batches: bool = True
@@ -121,7 +124,8 @@ class LoopBase(ABC):
             )
         if self.epoch_length is not None and self.epoch_length < 1:
             raise ValueError(f"epoch_length must be >= 1 or None, got {self.epoch_length}")
-        self.project_dir = str(self.project_dir)
+        self.project_dir = ProjectDir(self.project_dir)
+        check_upstream_methods(self, UPSTREAM_TRAINER_METHODS, LoopBase)
         self.accelerator: Accelerator | None = None
         self.step = 0
         self.epoch = 0
