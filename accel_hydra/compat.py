@@ -41,7 +41,7 @@ UPSTREAM_LAUNCHER_METHODS = {
 
 #: Upstream ``Trainer`` methods this package never calls -> what to use instead.
 UPSTREAM_TRAINER_METHODS = {
-    "train_loop": "the on_train_epoch_start/on_train_epoch_end hooks (LoopBase.train runs the loop)",
+    "train_loop": "the on_train_epoch_start/on_train_epoch_end hooks (train() runs the loop)",
     "val_loop": "validation_step and the on_validation_start/on_validation_end hooks",
     "clean_checkpoints_to_k": "save_last_k (retention is CheckpointMixin's)",
     "get_context": "even_batches (the loop keeps uneven shards in step itself)",

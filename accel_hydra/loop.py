@@ -53,6 +53,7 @@ from accel_hydra.compat import UPSTREAM_TRAINER_METHODS, ProjectDir, check_upstr
 from accel_hydra.console import EpochProgress, format_summary
 from accel_hydra.direct_updates import direct_updates_are_exact
 from accel_hydra.distributed import launched_without_gpus
+from accel_hydra.init_weights import apply_init_from
 from accel_hydra.preemption import PreemptionGuard, TrainingInterrupted
 from accel_hydra.rng import capture_rng_state, restore_rng_state
 
@@ -84,6 +85,11 @@ class LoopBase(ABC):
         even_batches: whether every process sees the same number of batches
             (Accelerate pads the last ones); ``False`` lets the last batches differ.
         progress_bar: draw a progress bar on the main process.
+        init_from: a checkpoint (this package's, a plain Accelerate ``save_state``
+            directory, or a weights file; path or URL) whose model weights are loaded
+            after ``prepare``; training then starts fresh (see ``accel_hydra.init_weights``).
+        init_strict: refuse weights that do not fit the model exactly; ``False`` loads
+            the tensors that fit and lists the others once.
 
     Attributes:
         accelerator: the ``Accelerator``, once :meth:`setup_accelerator` ran.
@@ -114,6 +120,8 @@ class LoopBase(ABC):
     accelerator_kwargs: dict = field(default_factory=dict)
     even_batches: bool = True
     progress_bar: bool = True
+    init_from: str | None = None
+    init_strict: bool = True
 
     def __post_init__(self) -> None:
         if self.epochs < 0:
@@ -270,6 +278,8 @@ class LoopBase(ABC):
             self.optimizer.optimizer if self._direct_updates else self.optimizer
         )
         self._pending_loss_sum = torch.zeros((), device=self.accelerator.device)
+        if self.init_from:
+            apply_init_from(self)
         self._after_prepare()
 
     def _size_epochs(self) -> None:
@@ -532,7 +542,10 @@ class LoopBase(ABC):
         now = time.perf_counter()
         last_time, _ = self._throughput_mark
         if last_time:
-            batch_size = getattr(self.train_dataloader, "total_batch_size", None) or 0
+            try:
+                batch_size = self.train_dataloader.total_batch_size or 0
+            except (AttributeError, TypeError):  # batches of varying size (a batch sampler)
+                batch_size = 0
             self._samples_per_second = batches * batch_size / max(now - last_time, 1e-9)
         self._throughput_mark = (now, batches)
 

@@ -29,6 +29,7 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from accel_hydra.init_weights import is_accelerate_checkpoint
 from accel_hydra.retention import checkpoint_order
 
 __all__ = [
@@ -298,6 +299,12 @@ class CheckpointStore:
         """
         if self.read_marker(name) is None:
             where = self.display(name)
+            if is_accelerate_checkpoint(self.fs, self.path(name)):
+                raise CheckpointNotFoundError(
+                    f"checkpoint {where} is an upstream AccelHydra or plain Accelerate "
+                    f"checkpoint (no {MARKER}): it cannot be resumed; start from its weights "
+                    f"with trainer.init_from={where} (see docs/migrating.rst)"
+                )
             if self.fs.exists(self.path(name)):
                 raise CheckpointNotFoundError(
                     f"checkpoint {where} has no commit marker ({MARKER}): its save did not "
