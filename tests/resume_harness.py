@@ -30,9 +30,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from torch.utils.data import DataLoader
+
 from accel_hydra import MetricMonitor, Trainer
+from accel_hydra.data import BucketBatchSampler
 from accel_hydra.distributed import shut_down_process_group
-from tests.conftest import ToySteps, make_loader, make_model
+from tests.conftest import ToySteps, make_loader, make_model, regression_data
 
 
 @dataclass(kw_only=True, eq=False)
@@ -72,6 +75,13 @@ class KillableTrainer(ToySteps, Trainer):
         return super()._state_to_save()
 
 
+def bucketed_loader():
+    """The regression data in batches of varying size from a BucketBatchSampler."""
+    lengths = torch.randint(1, 20, (96,), generator=torch.Generator().manual_seed(3))
+    sampler = BucketBatchSampler(lengths.tolist(), max_tokens=80, num_buckets=4)
+    return DataLoader(regression_data(96), batch_sampler=sampler)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--project", required=True)
@@ -84,15 +94,19 @@ def main(argv=None):
     parser.add_argument("--resume", default=None)
     parser.add_argument("--checkpoint-dir", default=None)
     parser.add_argument("--storage-options", type=json.loads, default=None)
+    parser.add_argument("--bucket", action="store_true", help="batches from BucketBatchSampler")
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
     model = make_model(dropout=0.2)
+    train_dataloader = make_loader(n=96, batch_size=8, shuffle=True)
+    if args.bucket:
+        train_dataloader = bucketed_loader()
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
     trainer = KillableTrainer(
         model=model,
         optimizer=optimizer,
-        train_dataloader=make_loader(n=96, batch_size=8, shuffle=True),
+        train_dataloader=train_dataloader,
         val_dataloader=make_loader(n=32, batch_size=8, shuffle=False, seed=1),
         epochs=args.epochs,
         gradient_accumulation_steps=args.accumulation,
