@@ -29,7 +29,6 @@ import signal
 from dataclasses import dataclass, field
 
 import torch
-
 from torch.utils.data import DataLoader
 
 from accel_hydra import MetricMonitor, Trainer

@@ -134,15 +134,14 @@ def test_two_processes_see_every_index_exactly_once_per_epoch(tmp_path):
 
 
 def test_sigkill_mid_epoch_then_resume_is_bitwise_equal(tmp_path):
-    reference = harness(tmp_path / "ref", tmp_path / "ref.pt", "--bucket", "--epochs", 2)
+    run = ("--bucket", "--epochs", 2)
+    reference = harness(tmp_path / "ref", tmp_path / "ref.pt", *run)
     assert reference.returncode == 0, reference.stderr[-3000:]
     # 15 batches per epoch, a checkpoint every 3 updates: killed at update 20 (epoch 2,
     # batch 5), the run resumes from step_18, in the middle of epoch 2.
-    killed = harness(
-        tmp_path / "run", tmp_path / "x.pt", "--bucket", "--epochs", 2, "--kill", "mid_epoch", "--at", 20
-    )
+    killed = harness(tmp_path / "run", tmp_path / "x.pt", *run, "--kill", "mid_epoch", "--at", 20)
     assert killed.returncode == -9
-    resumed = harness(tmp_path / "run", tmp_path / "run.pt", "--bucket", "--epochs", 2, "--resume", "latest")
+    resumed = harness(tmp_path / "run", tmp_path / "run.pt", *run, "--resume", "latest")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "batch 3" in resumed.stdout
     assert_bitwise_equal(tmp_path / "ref.pt", tmp_path / "run.pt")
