@@ -22,6 +22,7 @@ __all__ = [
     "check_upstream_methods",
     "multiply",
     "register_default_resolvers",
+    "upstream_module_hint",
 ]
 
 
@@ -70,6 +71,41 @@ def check_upstream_methods(obj: Any, table: dict[str, str], base: type) -> None:
                     f"{klass.__qualname__}.{name} is an upstream AccelHydra method that "
                     f"accel_hydra never calls; use {instead} (see docs/migrating.rst)"
                 )
+
+
+#: Upstream modules that do not exist here -> what replaces them.
+UPSTREAM_MODULES = {
+    "accel_hydra.models": (
+        "subclass torch.nn.Module (the start summary counts parameters; init_from "
+        "loads pretrained weights)"
+    ),
+    "accel_hydra.losses": "compute (and sum) the losses in training_step",
+    "accel_hydra.utils": "the TrainLauncher methods register_resolvers, load_config, build_*",
+    "accel_hydra.data_module": "accel_hydra.data (PaddingCollate, BucketBatchSampler)",
+}
+
+
+def upstream_module_hint(error: BaseException) -> str:
+    """A hint for an import of an upstream-only module anywhere in ``error``'s chain.
+
+    Hydra reports a model module that fails to import as "Error locating target"; the
+    real cause, an ``accel_hydra.models`` import say, is only in the chain.
+
+    Returns:
+        ``"; <module> is an upstream AccelHydra module ..."``, or ``""``.
+    """
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        name = getattr(error, "name", None) or ""
+        root = next((m for m in UPSTREAM_MODULES if name == m or name.startswith(m + ".")), None)
+        if isinstance(error, ImportError) and root:
+            return (
+                f"; {name} is an upstream AccelHydra module that does not exist here: "
+                f"{UPSTREAM_MODULES[root]} (see docs/migrating.rst)"
+            )
+        error = error.__cause__ or error.__context__
+    return ""
 
 
 class ProjectDir(str):

@@ -20,6 +20,7 @@ from accel_hydra.compat import (
     UpstreamNameError,
     check_upstream_methods,
     register_default_resolvers,
+    upstream_module_hint,
 )
 from accel_hydra.distributed import launched_without_gpus
 from accel_hydra.redaction import redact
@@ -207,6 +208,7 @@ class TrainLauncher:
             )
             raise ConfigError(
                 f"cannot build '{where}' from {self.config_path}: {reason}{_fix_for(reason, where)}"
+                f"{upstream_module_hint(err)}"
                 " (set HYDRA_FULL_ERROR=1 for the full traceback)"
             ) from None
 

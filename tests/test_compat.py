@@ -103,3 +103,25 @@ def test_resuming_an_upstream_checkpoint_says_what_it_is_and_how_to_load_it(tmp_
     assert "upstream AccelHydra or plain Accelerate checkpoint" in message
     assert f"init_from={upstream}" in message
     assert model is not None and torch.is_tensor(next(model.parameters()))
+
+
+def test_a_model_importing_an_upstream_module_names_it_and_its_replacement(
+    tmp_path, monkeypatch, capsys
+):
+    (tmp_path / "upstream_model.py").write_text(
+        "from accel_hydra.models import CountParamsBase\n\n\nclass Model(CountParamsBase):\n"
+        "    pass\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code = main(["-c", DIGITS, "-o", "model._target_=upstream_model.Model"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0
+    assert "accel_hydra.models is an upstream AccelHydra module" in err
+    assert "torch.nn.Module" in err
+
+
+def test_upstreams_launcher_path_still_names_the_launcher():
+    from accel_hydra.cli import _launcher_class
+
+    assert _launcher_class("accel_hydra.train_launcher.TrainLauncher") is TrainLauncher
