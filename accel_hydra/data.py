@@ -128,7 +128,8 @@ class BucketBatchSampler(Sampler[list[int]]):
         shuffle: shuffle per epoch; ``False`` gives a fixed order.
         drop_last: drop the incomplete leftover batch instead of keeping it.
         seed: the seed of the order; default: the torch seed when the sampler is
-            built (the run's ``seed``: the launcher seeds before building data).
+            built (the run's ``seed``: the launcher seeds before building data), taken
+            from process 0 on the first iteration so all processes agree.
         num_replicas: processes the batches are shared by; default: ``WORLD_SIZE``.
 
     Example:
@@ -172,6 +173,7 @@ class BucketBatchSampler(Sampler[list[int]]):
         self.drop_last = drop_last
         self.num_replicas = int(num_replicas or os.environ.get("WORLD_SIZE", 1))
         self.sampler = EpochSeed(torch.initial_seed() if seed is None else seed)
+        self._seed_agreed = seed is not None
         if len(self.batches(0)) == 0:
             raise ValueError(
                 f"BucketBatchSampler: {self.lengths.size} samples make no batch for "
@@ -249,7 +251,21 @@ class BucketBatchSampler(Sampler[list[int]]):
         return batches
 
     def __iter__(self) -> Iterator[list[int]]:
+        if not self._seed_agreed:
+            self._agree_on_seed()
         yield from self.batches(self.sampler.epoch)
+
+    def _agree_on_seed(self) -> None:
+        """Take process 0's default seed everywhere: a script that did not seed every
+        process alike would otherwise give each one another order, and samples would
+        be seen twice or never. Every process iterates the loader, so all meet here."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            seed = [self.sampler.initial_seed]
+            dist.broadcast_object_list(seed, src=0)
+            self.sampler.initial_seed = int(seed[0])
+        self._seed_agreed = True
 
     def __len__(self) -> int:
         # The count is the same every epoch (see the class docstring).

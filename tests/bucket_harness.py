@@ -23,7 +23,9 @@ MAX_TOKENS = 60
 
 def main(out: str) -> None:
     accelerator = Accelerator(cpu=True)
-    sampler = BucketBatchSampler(LENGTHS, max_tokens=MAX_TOKENS, num_buckets=4, seed=7)
+    # Each process seeded differently, no seed given: the sampler must agree on one.
+    torch.manual_seed(100 + int(os.environ.get("RANK", "0")))
+    sampler = BucketBatchSampler(LENGTHS, max_tokens=MAX_TOKENS, num_buckets=4)
     loader = accelerator.prepare(DataLoader(torch.arange(len(LENGTHS)), batch_sampler=sampler))
     epochs = []
     for epoch in range(2):
