@@ -46,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
         "<project_dir>/multirun/<n>",
     )
     parser.add_argument(
+        "-l",  # upstream AccelHydra's short flag
         "--launcher",
         default=None,
         metavar="PKG.MODULE.CLASS",

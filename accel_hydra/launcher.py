@@ -15,6 +15,14 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from accel_hydra.compat import (
+    LOGGING_CONFIG_MESSAGE,
+    UPSTREAM_LAUNCHER_METHODS,
+    UpstreamNameError,
+    check_upstream_methods,
+    register_default_resolvers,
+    upstream_module_hint,
+)
 from accel_hydra.config_checks import (
     closest,
     import_failure,
@@ -74,6 +82,8 @@ class TrainLauncher:
         #: ``{run_dir}`` for the run directory. The console script sets its command
         #: line; left None, the message names the Python API.
         self.resume_advice: str | None = None
+        _refuse_upstream_launcher(self)
+        register_default_resolvers()
 
     def run(self) -> Any:
         """Load the config, save it, build every object, train; return the trainer."""
@@ -113,7 +123,11 @@ class TrainLauncher:
         return trainer
 
     def register_resolvers(self) -> None:
-        """Register OmegaConf resolvers the config uses (none by default)."""
+        """Register OmegaConf resolvers the config uses.
+
+        ``len`` and ``multiply`` (``${multiply:${a},${b}}``) are always registered,
+        as upstream AccelHydra did; override this to add your own.
+        """
 
     def load_config(self) -> Any:
         """Compose the YAML file with the overrides.
@@ -259,6 +273,8 @@ class TrainLauncher:
         """Build every part, then the trainer from the ``trainer`` node."""
         from omegaconf import OmegaConf
 
+        if OmegaConf.select(config, "trainer.logging_config") is not None:
+            raise ConfigError(f"{LOGGING_CONFIG_MESSAGE} (config {self.config_path})")
         model = self.build_model(config)
         train_dataloader, val_dataloader = self.build_dataloaders(config)
         parts = {
@@ -305,6 +321,7 @@ class TrainLauncher:
             )
             raise ConfigError(
                 f"cannot build '{where}' from {self.config_path}: {reason}{_fix_for(reason, where)}"
+                f"{upstream_module_hint(err)}"
                 f" ({_FULL_ERROR})"
             ) from None
 
@@ -316,6 +333,14 @@ class TrainLauncher:
                 return f"-o {override}"
         position = yaml_position(self.config_path, key)
         return f"{self.config_path} {position}" if position else self.config_path
+
+
+def _refuse_upstream_launcher(launcher: TrainLauncher) -> None:
+    """Stop at start when a subclass overrides an upstream method that is never called."""
+    try:
+        check_upstream_methods(launcher, UPSTREAM_LAUNCHER_METHODS, TrainLauncher)
+    except UpstreamNameError as err:
+        raise ConfigError(str(err)) from None
 
 
 def _fix_for(reason: str, key: str) -> str:

@@ -59,6 +59,7 @@ Public attributes mixins read (see :class:`LoopBase`): ``progress``, ``accelerat
 from __future__ import annotations
 
 import math
+import os
 import signal
 import sys
 import time
@@ -71,6 +72,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, set_seed
 
+from accel_hydra.compat import UPSTREAM_TRAINER_METHODS, ProjectDir, check_upstream_methods
 from accel_hydra.console import EpochProgress, format_duration, format_summary
 from accel_hydra.direct_updates import direct_updates_are_exact
 from accel_hydra.distributed import (
@@ -80,6 +82,7 @@ from accel_hydra.distributed import (
     note_exit_status,
     process_group_exists,
 )
+from accel_hydra.init_weights import apply_init_from
 from accel_hydra.preemption import InterruptAgreement, PreemptionGuard, TrainingInterrupted
 from accel_hydra.preflight import PreflightError, check_writable
 from accel_hydra.progress import Progress
@@ -113,6 +116,7 @@ class LoopBase(ABC):
         epoch_length: batches per epoch (per process); default: the whole dataloader.
         gradient_accumulation_steps: batches whose gradients make one optimizer update.
         project_dir: the run directory; checkpoints and logs go below it by default.
+            Kept as a ``str`` that also works as a ``pathlib.Path`` (``project_dir / "x"``).
         config_dict: the run's configuration, stored with logs for reference.
         accelerator_kwargs: extra keyword arguments for ``accelerate.Accelerator``
             (``mixed_precision="bf16"``, ``cpu=True``...).
@@ -126,6 +130,11 @@ class LoopBase(ABC):
             wrong ``metric_name`` fails in seconds, not after an epoch; ``0`` skips it.
             It changes nothing the run depends on: random states are put back after it,
             and ``on_validation_start`` resets your accumulators before the real pass.
+        init_from: a checkpoint (this package's, a plain Accelerate ``save_state``
+            directory, or a weights file; path or URL) whose model weights are loaded
+            after ``prepare``; training then starts fresh (see ``accel_hydra.init_weights``).
+        init_strict: refuse weights that do not fit the model exactly; ``False`` loads
+            the tensors that fit and lists the others once.
 
     Attributes:
         accelerator: the ``Accelerator``, once :meth:`setup_accelerator` ran.
@@ -167,12 +176,14 @@ class LoopBase(ABC):
     epochs: int
     epoch_length: int | None = None
     gradient_accumulation_steps: int = 1
-    project_dir: str
+    project_dir: str | os.PathLike
     config_dict: dict | None = None
     accelerator_kwargs: dict = field(default_factory=dict)
     even_batches: bool = True
     progress_bar: bool = True
     sanity_val_batches: int = 2
+    init_from: str | None = None
+    init_strict: bool = True
 
     #: Seconds between plain progress lines when standard error is not a terminal.
     progress_interval: ClassVar[float] = 60.0
@@ -190,7 +201,8 @@ class LoopBase(ABC):
             )
         if self.epoch_length is not None and self.epoch_length < 1:
             raise ValueError(f"epoch_length must be >= 1 or None, got {self.epoch_length}")
-        self.project_dir = str(self.project_dir)
+        self.project_dir = ProjectDir(self.project_dir)
+        check_upstream_methods(self, UPSTREAM_TRAINER_METHODS, LoopBase)
         # Set by setup_accelerator(); None until then.
         self.accelerator: Accelerator = cast(Accelerator, None)
         self.progress = Progress()
@@ -410,6 +422,8 @@ class LoopBase(ABC):
             self.optimizer.optimizer if self.direct_updates else self.optimizer
         )
         self.pending_loss_sum = torch.zeros((), device=self.accelerator.device)
+        if self.init_from:
+            apply_init_from(self)
         self._after_prepare()
 
     def _size_epochs(self) -> None:
@@ -778,7 +792,10 @@ class LoopBase(ABC):
         now = self._training_seconds()
         last_time, _ = self._throughput_mark
         if now > last_time:
-            batch_size = getattr(self.train_dataloader, "total_batch_size", None) or 0
+            try:
+                batch_size = cast(Any, self.train_dataloader).total_batch_size or 0
+            except (AttributeError, TypeError):  # batches of varying size (a batch sampler)
+                batch_size = 0
             self.samples_per_second = batches * batch_size / (now - last_time)
         self._throughput_mark = (now, batches)
 
@@ -829,7 +846,7 @@ class LoopBase(ABC):
         pass
 
     def _writable_dirs(self) -> list[tuple[str, str | None, dict | None]]:
-        return [("project_dir", self.project_dir, None)]
+        return [("project_dir", str(self.project_dir), None)]
 
     def _restore(self) -> None:
         pass

@@ -36,6 +36,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from accel_hydra.checksums import checksum_files
+from accel_hydra.init_weights import is_accelerate_checkpoint
 from accel_hydra.marker import (
     MARKER,
     MARKER_MAX_BYTES,
@@ -500,6 +501,12 @@ class CheckpointStore:
             raise CheckpointNotFoundError(f"checkpoint {where}: {err}") from None
         info = self.load_marker(name)
         if info is None:
+            if is_accelerate_checkpoint(self.fs, self.path(name)):
+                raise CheckpointNotFoundError(
+                    f"checkpoint {where} is an upstream AccelHydra or plain Accelerate "
+                    f"checkpoint (no {MARKER}): it cannot be resumed; start from its weights "
+                    f"with trainer.init_from={where} (see docs/migrating.rst)"
+                )
             if self.fs.exists(self.path(name)):
                 raise CheckpointNotFoundError(
                     f"checkpoint {where} has no commit marker ({MARKER}): its save did not "

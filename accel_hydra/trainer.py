@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from accel_hydra.compat import LoggingConfig
 from accel_hydra.loop import LoopBase
 from accel_hydra.mixins import (
     CheckpointMixin,
@@ -12,8 +13,11 @@ from accel_hydra.mixins import (
     LoggingMixin,
     LRSchedulingMixin,
 )
+from accel_hydra.monitor import MetricMonitor
 
-__all__ = ["Trainer"]
+# MetricMonitor and LoggingConfig: the import paths upstream AccelHydra configs use;
+# LoggingConfig refuses to build, naming report_to/log_dir.
+__all__ = ["LoggingConfig", "MetricMonitor", "Trainer"]
 
 
 @dataclass(kw_only=True, eq=False)

@@ -51,6 +51,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from accel_hydra import MetricMonitor, Trainer
+from accel_hydra.data import BucketBatchSampler
 from accel_hydra.distributed import shut_down_process_group
 from tests.conftest import FixedOrderStream, ToySteps, make_loader, make_model, regression_data
 
@@ -121,6 +122,13 @@ class KillableTrainer(ToySteps, Trainer):
         return super()._state_to_save()
 
 
+def bucketed_loader():
+    """The regression data in batches of varying size from a BucketBatchSampler."""
+    lengths = torch.randint(1, 20, (96,), generator=torch.Generator().manual_seed(3))
+    sampler = BucketBatchSampler(lengths.tolist(), max_tokens=80, num_buckets=4)
+    return DataLoader(regression_data(96), batch_sampler=sampler)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--project", required=True)
@@ -144,6 +152,7 @@ def main(argv=None):
     parser.add_argument("--uneven", action="store_true", help="even_batches=False")
     parser.add_argument("--signal-at", default=None)
     parser.add_argument("--send", choices=["KILL", "TERM"], default="KILL")
+    parser.add_argument("--bucket", action="store_true", help="batches from BucketBatchSampler")
     args = parser.parse_args(argv)
     if args.retry_delays is not None:
         delays = tuple(float(d) for d in args.retry_delays.split(",") if d)
@@ -159,6 +168,8 @@ def main(argv=None):
 
     torch.manual_seed(0)
     model = make_model(dropout=0.2)
+    if args.bucket:
+        train_loader = bucketed_loader()
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
     trainer = KillableTrainer(
         model=model,
