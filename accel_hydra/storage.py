@@ -248,10 +248,32 @@ class CheckpointStore:
         shutil.rmtree(staged, ignore_errors=True)
 
     def clear_target(self, name: str) -> None:
-        """Delete an earlier checkpoint ``name`` (``best``) before its replacement is uploaded."""
+        """Take an earlier checkpoint ``name`` (``best``) out of the way of its replacement.
+
+        An object store cannot rename a directory, so a committed one is first copied
+        on the server to ``.retired-<name>``, marker last (the copy is a whole
+        checkpoint of its own), and only then deleted. Until the replacement's marker
+        is stored (:meth:`write_marker` then deletes the copy), a failed or killed
+        upload leaves the copy, which :meth:`recover` puts back: replacing ``best``
+        never loses the committed one.
+        """
         self.fs.invalidate_cache()
-        if self.fs.exists(self.path(name)):
-            self.delete(name)
+        if not self.fs.exists(self.path(name)):
+            return
+        if self.is_remote and self.load_marker(name) is not None:
+            self._copy_on_server(name, _RETIRED_PREFIX + name)
+        self.delete(name)
+
+    def _copy_on_server(self, source_name: str, target_name: str) -> None:
+        """Copy checkpoint ``source_name`` to ``target_name`` on the store, marker last."""
+        source, target = self.path(source_name), self.path(target_name)
+        self.fs.invalidate_cache()
+        if self.fs.exists(target):
+            self.fs.rm(target, recursive=True)
+        files = [path for path in self.fs.find(source) if not path.endswith(f"/{MARKER}")]
+        self.fs.copy(files, [target + path[len(source) :] for path in files])
+        self.fs.copy(f"{source}/{MARKER}", f"{target}/{MARKER}")
+        self.fs.invalidate_cache()
 
     def upload(self, name: str, staged: str, callback: Any = None) -> dict[str, dict[str, Any]]:
         """Copy the files of a local stage under checkpoint ``name``; no marker.
@@ -281,6 +303,10 @@ class CheckpointStore:
         """
         self.fs.pipe_file(f"{self.path(name)}/{MARKER}", marker_bytes(info, files))
         self.fs.invalidate_cache()
+        retired = self.path(_RETIRED_PREFIX + name)
+        if self.fs.exists(retired):  # the copy clear_target kept while this one uploaded
+            self.fs.rm(retired, recursive=True)
+            self.fs.invalidate_cache()
 
     def _swap_into_place(self, name: str, staged: str) -> None:
         final = self.path(name)
@@ -304,9 +330,13 @@ class CheckpointStore:
         directory (no marker, an empty or cut-off one, a file that does not match) is
         an unfinished save: it is removed, and the committed checkpoint of that name
         is left alone. A retired copy (the checkpoint a commit was replacing) is
-        removed when its replacement is in place, and put back when it is not.
+        removed when its replacement is in place, and put back when it is not; on an
+        object store too (see :meth:`clear_target`).
         """
-        if not self.is_local or not os.path.isdir(self.root):
+        if self.is_remote:
+            self._recover_remote()
+            return
+        if not os.path.isdir(self.root):
             return
         entries = sorted(os.listdir(self.root))
         for entry in entries:
@@ -327,6 +357,25 @@ class CheckpointStore:
                 elif _local_marker_is_valid(full):
                     shutil.rmtree(self.path(name), ignore_errors=True)
                     os.rename(full, self.path(name))
+
+    def _recover_remote(self) -> None:
+        """Put back a retired copy whose replacement's upload never committed."""
+        self.fs.invalidate_cache()
+        try:
+            entries = self.fs.ls(self.root, detail=False)
+        except FileNotFoundError:
+            return
+        for path in entries:
+            entry = path.rstrip("/").rsplit("/", 1)[-1]
+            if not entry.startswith(_RETIRED_PREFIX):
+                continue
+            name = entry[len(_RETIRED_PREFIX) :]
+            if self.load_marker(name) is None and self.load_marker(entry) is not None:
+                if self.fs.exists(self.path(name)):
+                    self.fs.rm(self.path(name), recursive=True)  # a cut-off replacement
+                self._copy_on_server(entry, name)
+            self.fs.rm(self.path(entry), recursive=True)
+        self.fs.invalidate_cache()
 
     def _stage_is_complete(self, staged: str) -> bool:
         """Whether a local stage holds a valid marker and every file it lists, unchanged."""

@@ -217,3 +217,20 @@ def test_a_checkpoint_of_the_previous_release_still_resumes(tmp_path):
     (tmp_path / "step_4" / "model.bin").write_bytes(b"weight")  # the size still counts
     with pytest.raises(CheckpointCorruptError, match="model.bin has 6 bytes, not 7"):
         store.fetch("step_4")
+
+
+def test_replacing_best_on_an_object_store_never_loses_the_committed_one(backend):
+    store = CheckpointStore(f"{backend.new_bucket()}/run", backend.storage_options)
+    commit(store, "best", 1, payload="old")
+    # What replacing it does first; the run dies before the new files are stored.
+    store.clear_target("best")
+    store.fs.pipe_file(f"{store.path('best')}/model.bin", b"half of the new")
+    assert store.latest() is None  # nothing committed under the name meanwhile
+    CheckpointStore(store.url, backend.storage_options).recover()  # the next start
+    assert store.latest() == "best"
+    assert store.fs.cat_file(f"{store.path('best')}/model.bin") == b"old"
+    store.verify("best")
+    commit(store, "best", 2, payload="new")  # a replacement that finishes
+    assert store.fs.cat_file(f"{store.path('best')}/model.bin") == b"new"
+    store.fs.invalidate_cache()
+    assert not store.fs.exists(store.path(".retired-best"))
