@@ -364,12 +364,16 @@ class LoopBase(ABC):
         if seed is not None:
             set_seed(seed)
         self.setup_accelerator()
-        self._check_writable()
-        self._restore()
-        self._sanity_validation()
-        self._before_training()
-        for action in self._run_start_actions:
-            action()
+        try:
+            self._restore()
+            self._sanity_validation()
+            self._before_training()
+            for action in self._run_start_actions:
+                action()
+        except BaseException as error:
+            # Nothing trained: let go of what set-up took (the run lock), keep the error.
+            self._after_train_keeping(error)
+            raise
         self._say(format_summary("accel_hydra: starting", self._summary_lines()))
         try:
             with self._preemption:
@@ -424,6 +428,9 @@ class LoopBase(ABC):
         self.pending_loss_sum = torch.zeros((), device=self.accelerator.device)
         if self.init_from:
             apply_init_from(self)
+        # Before any mixin's set-up writes (the run lock, writers): a directory that
+        # cannot be written fails here in one line, and nothing is left behind.
+        self._check_writable()
         self._after_prepare()
 
     def _size_epochs(self) -> None:
@@ -686,7 +693,9 @@ class LoopBase(ABC):
             try:
                 for label, url, options in self._writable_dirs():
                     if url is not None:
-                        check_writable(label, url, options)
+                        # A probe always has a bound; storage_timeout when a mixin has it.
+                        timeout = getattr(self, "storage_timeout", None)
+                        check_writable(label, url, options, timeout)
             except PreflightError as err:
                 message = str(err)
         if self.accelerator.num_processes > 1:

@@ -131,6 +131,7 @@ class LocalRunLock:
         self.path = os.path.join(directory, LOCK_FILE)
         self.run_id = run_id
         self._fd: int | None = None
+        self._made_directory = False
 
     def acquire(self) -> str | None:
         """Take the lock; return a notice when it was taken over from a dead run.
@@ -138,6 +139,8 @@ class LocalRunLock:
         Raises:
             RunLockHeldError: a live process holds it.
         """
+        # A run refused or failed at start leaves no empty checkpoint_dir behind.
+        self._made_directory = not os.path.isdir(self.directory)
         os.makedirs(self.directory, exist_ok=True)
         for _ in range(5):
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -183,6 +186,9 @@ class LocalRunLock:
             os.unlink(self.path)
         os.close(self._fd)
         self._fd = None
+        if self._made_directory:
+            with contextlib.suppress(OSError):  # not empty: the run saved something
+                os.rmdir(self.directory)
 
 
 def _read_fd(fd: int) -> bytes:

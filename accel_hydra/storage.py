@@ -133,7 +133,7 @@ class CheckpointStore:
             # (set in bounded_storage_options) is enough.
             self.fs.retries = 1
 
-    def check_bucket(self) -> None:
+    def check_bucket(self, label: str = "checkpoint_dir") -> None:
         """Fail at once when the bucket (container) of an object-store URL is missing.
 
         Without it, a typo in the bucket name reads as "no checkpoint yet" and the run
@@ -155,8 +155,8 @@ class CheckpointStore:
         if not found:
             kind = "container" if _protocols(self.fs) & {"az", "abfs", "abfss"} else "bucket"
             raise MissingBucketError(
-                f"checkpoint_dir {self.display()}: {kind} {bucket!r} does not exist; "
-                "create it, or fix the URL in checkpoint_dir"
+                f"{label} {self.display()}: {kind} {bucket!r} does not exist; "
+                f"create it, or fix the URL in {label}"
             )
 
     @property

@@ -54,17 +54,17 @@ class FailingStore(CheckpointStore):
         if method == self.fail and self.fail_rank == RANK:
             raise OSError(f"injected failure in {method} on rank {RANK}")
 
-    def commit(self, name, staged, info):
+    def commit(self, name, staged, info, callback=None):
         self._maybe_fail("commit")
-        super().commit(name, staged, info)
+        super().commit(name, staged, info, callback)
 
     def delete(self, name):
         self._maybe_fail("delete")
         super().delete(name)
 
-    def upload(self, name, staged):
+    def upload(self, name, staged, callback=None):
         self._maybe_fail("upload")
-        return super().upload(name, staged)
+        return super().upload(name, staged, callback)
 
     def write_marker(self, name, info, files):
         self._maybe_fail("write_marker")

@@ -176,7 +176,7 @@ def test_checkpoint_objects_are_stored_without_pickle_of_code(two_checkpoints):
     # Readable by the restricted loader as it is: tensors and containers only.
     assert float(load_object_state(str(checkpoint / object_state_file(0)), "c")["count"]) == 1
     state = load_trainer_state(str(checkpoint / TRAINER_STATE_FILE))
-    assert (state["epoch"], state["step"]) == (2, 24)
+    assert (state["progress"]["epoch"], state["progress"]["step"]) == (2, 24)
     assert not any(name.startswith("custom_checkpoint") for name in os.listdir(checkpoint))
 
 

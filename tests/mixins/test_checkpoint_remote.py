@@ -17,7 +17,8 @@ from fsspec.implementations.memory import MemoryFileSystem
 
 from accel_hydra import MetricMonitor
 from accel_hydra.mixins.checkpoint import TRAINER_STATE_FILE
-from accel_hydra.storage import CheckpointStore, MissingBucketError
+from accel_hydra.preflight import PreflightError
+from accel_hydra.storage import CheckpointStore
 from accel_hydra.uploader import CheckpointUploadError
 from tests.conftest import ToyTrainer, trainer_kwargs
 
@@ -201,7 +202,8 @@ def test_missing_bucket_stops_the_run_before_training(tmp_path, s3, capsys):
         storage_options=s3.storage_options,
         resume_from_checkpoint="latest",
     )
-    with pytest.raises(MissingBucketError) as err:
+    # Found by the pre-flight, before anything is built or written.
+    with pytest.raises(PreflightError) as err:
         trainer.train(seed=0)
     assert str(err.value).startswith(f"checkpoint_dir {url}: bucket 'no-such-bucket-")
     assert trainer.step == 0
