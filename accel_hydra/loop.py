@@ -669,7 +669,9 @@ class LoopBase(ABC):
                 for batch_idx, batch in zip(range(self.sanity_val_batches), batches, strict=False):
                     self.validation_step(batch, batch_idx)
             self.on_validation_end()
-            metrics = self.get_val_metrics() or {}
+            # As in _validate: a failure on one process must not strand the others.
+            with fail_together(self.accelerator, "get_val_metrics() (sanity validation)"):
+                metrics = self.get_val_metrics() or {}
         finally:
             close = getattr(batches, "close", None)
             if close is not None:

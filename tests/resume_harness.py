@@ -100,7 +100,8 @@ class KillableTrainer(ToySteps, Trainer):
         return super().training_step(batch, batch_idx)
 
     def validation_step(self, batch, batch_idx):
-        self._signal_if_at("val", self.epoch, batch_idx)
+        if self.step > 0:  # the epoch's validation, not the sanity pass before training
+            self._signal_if_at("val", self.epoch, batch_idx)
         if self.kill == "in_validation" and self.epoch == 1 and batch_idx == 1:
             self._die()
         super().validation_step(batch, batch_idx)

@@ -285,7 +285,7 @@ class CheckpointMixin(MetricMonitoringMixin):
                 error, outcome = err, ("other", 0, f"{type(err).__name__}: {err}")
         if self.accelerator.num_processes > 1:
             outcome = broadcast_object_list([outcome])[0]
-        if error is not None:
+        if error is not None and (outcome is None or outcome[0] != "other"):
             raise error
         if outcome is not None:
             kind, signum, message = outcome
@@ -296,7 +296,7 @@ class CheckpointMixin(MetricMonitoringMixin):
             raise DistributedStepError(
                 f"the checkpoint upload in flight failed on process 0 with {message}; "
                 "every process stopped here"
-            )
+            ) from error
 
     def _stages_per_machine(self) -> bool:
         """Whether processes run on several machines, each staging on its own disk.
