@@ -35,6 +35,7 @@ import torch
 __all__ = [
     "UnsafeCheckpointError",
     "check_code_free",
+    "check_stage_complete",
     "load_object_state",
     "load_trainer_state",
     "pickle_capable_files",
@@ -44,6 +45,8 @@ __all__ = [
 
 # Files that never hold pickles: safetensors and JSON are code-free formats.
 _CODE_FREE_SUFFIXES = (".safetensors", ".json")
+# What Accelerate and this package write with torch.save (sharded FSDP states are not).
+_TORCH_SAVE_SUFFIXES = (".bin", ".pt", ".pkl", ".pth")
 # torch names the refused type as "Unsupported global: GLOBAL io.open was not ...".
 _REFUSED_GLOBAL = re.compile(r"GLOBAL ([\w.]+) was not an allowed global")
 
@@ -227,6 +230,25 @@ def check_code_free(path: str) -> None:
             outside the safe list.
     """
     _safe_torch_load(path, mmap=True)
+
+
+def check_stage_complete(directory: str) -> None:
+    """Check every torch archive of a freshly written stage ends with its zip directory.
+
+    Some torch versions (2.6) do not raise when the disk fills (or a file-size limit
+    hits) in the middle of ``torch.save``: the file is cut short and nothing says so.
+    A zip archive's central directory is written last, so a cut-off one has none; this
+    finds it before the checkpoint is committed, instead of at the next resume.
+
+    Raises:
+        OSError: naming the first file that was not written completely.
+    """
+    for path in pickle_capable_files(directory):
+        if path.endswith(_TORCH_SAVE_SUFFIXES) and not zipfile.is_zipfile(path):
+            raise OSError(
+                f"{os.path.relpath(path, directory)} was not written completely (is the "
+                "disk full?): it is not a whole torch archive; the checkpoint is not saved"
+            )
 
 
 def _safe_torch_load(path: str, mmap: bool) -> Any:

@@ -280,14 +280,17 @@ def failed_save_then_resume(tmp_path, three_epochs, fail_at, how, checkpoints):
         filler=os.path.join(os.path.dirname(checkpoints), "filler"),
     )
     # As each writer words it: Python and safetensors name the error, torch's does not.
-    failure = r"No space left on device|File too large|iostream error|unexpected pos"
+    failure = (
+        r"No space left on device|File too large|iostream error|unexpected pos"
+        r"|was not written completely"  # torch 2.6's save does not raise: found before commit
+    )
     with pytest.raises(Exception, match=failure):
         full.train(seed=0)
     stage = os.path.join(checkpoints, ".staging-best")
-    if fail_at != MARKER:  # the save stopped at fail_at: cut short or absent, later ones absent
-        staged = set(os.listdir(stage))
-        assert set(WRITE_ORDER[: WRITE_ORDER.index(fail_at)]) <= staged
-        assert not staged.intersection(WRITE_ORDER[WRITE_ORDER.index(fail_at) + 1 :])
+    # The save got as far as fail_at. (Whether later files were attempted depends on the
+    # writer: torch 2.6's save does not raise, and the stage check before commit does.)
+    if fail_at != MARKER:
+        assert set(WRITE_ORDER[: WRITE_ORDER.index(fail_at)]) <= set(os.listdir(stage))
     store = CheckpointStore(checkpoints)
     # The best of epoch 1 and the epoch_2 checkpoint are whole, and load.
     assert store.read_marker("best")["step"] == 12

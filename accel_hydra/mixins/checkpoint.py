@@ -23,6 +23,7 @@ from accel_hydra.run_lock import DEFAULT_LEASE_SECONDS, LocalRunLock, RemoteLeas
 from accel_hydra.safe_state import (
     UnsafeCheckpointError,
     check_code_free,
+    check_stage_complete,
     load_object_state,
     load_trainer_state,
     pickle_capable_files,
@@ -177,6 +178,8 @@ class CheckpointMixin(MetricMonitoringMixin):
                     path = os.path.join(staged, object_state_file(index))
                     save_object_state(obj.state_dict(), path)
                 save_trainer_state(self._state_to_save(), os.path.join(staged, TRAINER_STATE_FILE))
+            if accelerator.is_local_main_process:
+                check_stage_complete(staged)
         step, epoch, batches = self._progress()
         info = {"step": step, "epoch": epoch, "batches_in_epoch": batches}
         if store.is_remote and self._stages_per_machine():
