@@ -178,6 +178,9 @@ class CheckpointMixin(MetricMonitoringMixin):
                     path = os.path.join(staged, object_state_file(index))
                     save_object_state(obj.state_dict(), path)
                 save_trainer_state(self._state_to_save(), os.path.join(staged, TRAINER_STATE_FILE))
+        # Only once every process has written its files (the block above ends in an
+        # exchange between all of them): one per machine reads the whole stage.
+        with fail_together(accelerator, f"checking checkpoint {store.display(name)}"):
             if accelerator.is_local_main_process:
                 check_stage_complete(staged)
         step, epoch, batches = self._progress()
