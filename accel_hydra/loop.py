@@ -548,7 +548,11 @@ class LoopBase(ABC):
         if self.accelerator is not None:
             # An evaluation before train() prepared the model alone, for inference:
             # start again from the plain objects, as a trainer that never evaluated.
-            self.model = self.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False)
+            model = self.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False)
+            # Accelerate marks a module it prepared and would return it as it is (not
+            # wrapped in DDP) from the next prepare.
+            vars(model).pop("_is_accelerate_prepared", None)
+            self.model = model
             if self._unprepared_val_dataloader is not None:
                 self.val_dataloader = self._unprepared_val_dataloader
             self._unprepared_val_dataloader = None
