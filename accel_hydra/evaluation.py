@@ -32,7 +32,7 @@ def prepare_eval_loader(accelerator: Accelerator, dataloader: Iterable) -> Itera
     even = accelerator.even_batches
     accelerator.even_batches = True
     try:
-        prepared = accelerator.prepare_data_loader(dataloader)  # type: ignore[arg-type]
+        prepared = accelerator.prepare_data_loader(dataloader)
     finally:
         accelerator.even_batches = even
     registered = getattr(accelerator, "_dataloaders", None)

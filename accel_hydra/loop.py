@@ -428,9 +428,7 @@ class LoopBase(ABC):
         self.model = self.accelerator.prepare_model(self.model, evaluation_mode=True)
         if self.val_dataloader is not None:
             self._unprepared_val_dataloader = self.val_dataloader
-            self.val_dataloader = self.accelerator.prepare_data_loader(
-                self.val_dataloader  # type: ignore[arg-type]
-            )
+            self.val_dataloader = self.accelerator.prepare_data_loader(self.val_dataloader)
         self.single_process = self.accelerator.num_processes == 1
 
     @contextlib.contextmanager
