@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from accel_hydra.distributed import shut_down_process_group
+from accel_hydra.evaluate_run import DEFAULT_CHECKPOINT, validate_run
 from accel_hydra.launcher import CONFIG_FILE, RUN_INFO_KEY, ConfigError, TrainLauncher
 from accel_hydra.redaction import REDACTED, is_secret_key, redact
 from accel_hydra.sweeps import expand_sweeps
@@ -46,6 +47,21 @@ def _parser() -> argparse.ArgumentParser:
         "<project_dir>/multirun/<n>",
     )
     parser.add_argument(
+        "--validate",
+        nargs="?",
+        const=DEFAULT_CHECKPOINT,
+        default=None,
+        metavar="CHECKPOINT",
+        help="with --resume: validate a checkpoint of the run instead of training (a name "
+        "such as best or step_20, latest, or a path/URL; default: best, else latest), print "
+        "one line per metric; writes nothing into the run directory",
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="with --validate: print the metrics as one JSON object",
+    )
+    parser.add_argument(
         "-l",  # upstream AccelHydra's short flag
         "--launcher",
         default=None,
@@ -53,6 +69,17 @@ def _parser() -> argparse.ArgumentParser:
         help="a TrainLauncher subclass to use instead of the default",
     )
     return parser
+
+
+def _check_validate_arguments(args: argparse.Namespace) -> None:
+    if args.validate is not None and not args.resume:
+        raise ConfigError(
+            "--validate needs --resume RUN_DIR: it evaluates a checkpoint of that run"
+        )
+    if args.validate is not None and args.multirun:
+        raise ConfigError("--validate and -m/--multirun do not go together; validate one run")
+    if args.json and args.validate is None:
+        raise ConfigError("--json only applies to --validate")
 
 
 def _launcher_class(dotted: str | None) -> type[TrainLauncher]:
@@ -173,8 +200,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.path.insert(0, os.getcwd())
     try:
         cls = _launcher_class(args.launcher)
+        _check_validate_arguments(args)
         config, overrides = _config_and_overrides(args)
-        if args.multirun:
+        if args.validate is not None:
+            validate_run(cls(config, overrides), args.validate, as_json=args.json)
+        elif args.multirun:
             _run_sweep(cls, config, overrides)
         else:
             launcher = cls(config, overrides)

@@ -39,6 +39,7 @@ first, then add your work, so any subset of mixins composes in any order):
 ``_load_state(state)``           the inverse, on resume
 ``_check_resumable(state, ...)`` before a checkpoint loads: refuse one of another setup
 ``_after_train()``               training ended (normally or not): flush, close
+``_load_checkpoint_weights(c)``  evaluation: load checkpoint ``c``'s model weights
 ``_summary_lines()``             ``(label, value)`` rows of the start summary
 ``_end_summary_lines()``         rows of the end summary
 ===============================  =======================================================
@@ -58,6 +59,7 @@ Public attributes mixins read (see :class:`LoopBase`): ``progress``, ``accelerat
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -82,6 +84,7 @@ from accel_hydra.distributed import (
     note_exit_status,
     process_group_exists,
 )
+from accel_hydra.evaluation import concatenate_outputs, outputs_to_cpu, prepare_eval_loader
 from accel_hydra.init_weights import apply_init_from
 from accel_hydra.preemption import InterruptAgreement, PreemptionGuard, TrainingInterrupted
 from accel_hydra.preflight import PreflightError, check_writable
@@ -237,6 +240,8 @@ class LoopBase(ABC):
         self._interrupt_agreement = InterruptAgreement()
         self._stepped_optimizer: Any = None
         self._train_called = False
+        # The val loader as given, while an evaluation before train() holds it prepared.
+        self._unprepared_val_dataloader: Iterable | None = None
 
     @property
     def step(self) -> int:
@@ -307,6 +312,141 @@ class LoopBase(ABC):
 
     def on_validation_end(self) -> None:
         """Called after the last validation batch, before :meth:`get_val_metrics`."""
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Any:
+        """Return the model's output for one batch of :meth:`predict`'s loader.
+
+        Runs under ``torch.no_grad()`` with the model in ``eval()`` mode. Return a
+        tensor with the batch along dim 0, or a dict, tuple or list of them; the
+        default is ``self.model(batch)``. Do not gather: :meth:`predict` does.
+        """
+        return self.model(batch)
+
+    # ---------------------------------------------------------------- evaluation
+
+    def validate(self, checkpoint: str | None = None) -> dict[str, float]:
+        """Run the validation loop once, outside training, and return its metrics.
+
+        The same loop as after each epoch (``on_validation_start``,
+        ``validation_step`` per batch, ``on_validation_end``, ``get_val_metrics``,
+        averaged so every process returns the same dict), on ``val_dataloader``.
+        Call it on every process. Before :meth:`train` it sets up the accelerator and
+        prepares the model and the validation loader for inference (once; a later
+        ``train()`` starts from the plain objects again); after ``train()`` it uses
+        the prepared ones.
+
+        Nothing of the run changes: no checkpoint, log line or run lock is written,
+        ``val_metrics`` keeps the last training validation's, the random states and
+        the model's train/eval mode are put back. The one lasting effect: with a
+        ``checkpoint``, its weights are loaded into ``self.model`` and stay there.
+
+        Args:
+            checkpoint: whose weights to evaluate: a checkpoint name in
+                ``checkpoint_dir`` (``"best"``, ``"step_20"``), ``"latest"``, or a path
+                or URL to a checkpoint directory. Needs :class:`~accel_hydra.CheckpointMixin`;
+                the checkpoint must be committed and is verified file by file and
+                loaded without running code. ``None``: the model's current weights.
+
+        Returns:
+            ``{metric name: float}``, as ``get_val_metrics`` returned it, agreed.
+
+        Raises:
+            ValueError: there is no ``val_dataloader``, or a ``checkpoint`` was given to
+                a trainer without ``CheckpointMixin``.
+            CheckpointNotFoundError: no such committed checkpoint (the message lists
+                the committed ones).
+
+        Example:
+            >>> metrics = trainer.validate(checkpoint="best")  # doctest: +SKIP
+        """
+        if self.val_dataloader is None:
+            raise ValueError(
+                "validate() needs a val_dataloader; give the trainer one, or call "
+                "test(dataloader) with the loader to evaluate"
+            )
+        self._setup_for_evaluation()
+        loader = self.val_dataloader
+        with self._evaluation(checkpoint):
+            self._validation_pass(loader)
+            return self._agreed_val_metrics()
+
+    def test(self, dataloader: Iterable, checkpoint: str | None = None) -> dict[str, float]:
+        """Like :meth:`validate`, on ``dataloader`` instead of ``val_dataloader``.
+
+        The loader is prepared with ``even_batches=True`` (whatever the run uses), so
+        ``gather_for_metrics`` in your ``validation_step`` drops Accelerate's padding.
+
+        Returns:
+            ``{metric name: float}`` from ``get_val_metrics``, agreed on every process.
+        """
+        self._setup_for_evaluation()
+        loader = prepare_eval_loader(self.accelerator, dataloader)
+        with self._evaluation(checkpoint):
+            self._validation_pass(loader)
+            return self._agreed_val_metrics()
+
+    def predict(self, dataloader: Iterable, checkpoint: str | None = None) -> Any:
+        """Run :meth:`predict_step` on every batch; return all outputs, in dataset order.
+
+        Under N processes each batch's outputs are gathered with
+        ``gather_for_metrics``: every process returns the whole result, and the
+        samples Accelerate repeats to even out the last batches are dropped, so there
+        are exactly as many rows as the dataset has samples (for a loader with a
+        length; a sampler that shuffles gives the sampled order). Tensors are
+        concatenated along dim 0, dicts/tuples/lists of them per key or position;
+        everything is on CPU. ``checkpoint`` and side effects as in :meth:`validate`.
+
+        Returns:
+            The joined outputs (see ``accel_hydra.evaluation.concatenate_outputs``),
+            or ``None`` when the loader yields no batch.
+
+        Example:
+            >>> logits = trainer.predict(test_loader, checkpoint="best")  # doctest: +SKIP
+        """
+        self._setup_for_evaluation()
+        loader = prepare_eval_loader(self.accelerator, dataloader)
+        outputs = []
+        with self._evaluation(checkpoint):
+            for batch_idx, batch in enumerate(loader):
+                output = self.predict_step(batch, batch_idx)
+                outputs.append(outputs_to_cpu(self.accelerator.gather_for_metrics(output)))
+        return concatenate_outputs(outputs)
+
+    def _setup_for_evaluation(self) -> None:
+        """Prepare the model and the validation loader for inference, once.
+
+        Only what an evaluation needs: no optimizer or training loader, no directory
+        checks, no mixin set-up (run lock, writers), so nothing is written. After
+        ``train()`` (or an earlier evaluation) everything is already prepared.
+        """
+        if self.accelerator is not None:
+            return
+        group_existed = process_group_exists()
+        self.accelerator = Accelerator(**self._accelerator_kwargs())
+        if not group_existed:
+            leave_process_group_at_exit()
+        self.model = self.accelerator.prepare_model(self.model, evaluation_mode=True)
+        if self.val_dataloader is not None:
+            self._unprepared_val_dataloader = self.val_dataloader
+            self.val_dataloader = self.accelerator.prepare_data_loader(self.val_dataloader)
+        self.single_process = self.accelerator.num_processes == 1
+
+    @contextlib.contextmanager
+    def _evaluation(self, checkpoint: str | None) -> Iterator[None]:
+        """Load ``checkpoint``'s weights, then run the body in eval mode without
+        gradients; the random states and the model's mode are put back after it
+        (creating a data iterator draws from the RNGs)."""
+        rng = capture_rng_state()
+        was_training = self.model.training
+        try:
+            if checkpoint is not None:
+                self._load_checkpoint_weights(str(checkpoint))
+            self.model.eval()
+            with torch.no_grad():
+                yield
+        finally:
+            self.model.train(was_training)
+            restore_rng_state(rng)
 
     # ------------------------------------------------------------------ the loop
 
@@ -403,6 +543,17 @@ class LoopBase(ABC):
 
     def setup_accelerator(self) -> None:
         """Create the ``Accelerator`` and prepare model, optimizer and dataloaders."""
+        if self.accelerator is not None:
+            # An evaluation before train() prepared the model alone, for inference:
+            # start again from the plain objects, as a trainer that never evaluated.
+            model = self.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False)
+            # Accelerate marks a module it prepared and would return it as it is (not
+            # wrapped in DDP) from the next prepare.
+            vars(model).pop("_is_accelerate_prepared", None)
+            self.model = model
+            if self._unprepared_val_dataloader is not None:
+                self.val_dataloader = self._unprepared_val_dataloader
+            self._unprepared_val_dataloader = None
         group_existed = process_group_exists()
         self.accelerator = Accelerator(**self._accelerator_kwargs())
         if not group_existed:
@@ -628,13 +779,24 @@ class LoopBase(ABC):
 
     def _validate(self) -> dict[str, Any]:
         self.model.eval()
+        self._validation_pass(self.val_dataloader if self.val_dataloader is not None else ())
+        self.model.train()
+        self.val_metrics = self._agreed_val_metrics()
+        if self.val_metrics:
+            shown = " ".join(f"{k}={v:.4g}" for k, v in sorted(self.val_metrics.items()))
+            self._say(f"epoch {self.epoch + 1}/{self.epochs} validation: {shown}")
+        return self.val_metrics
+
+    def _validation_pass(self, loader: Iterable) -> None:
+        """``on_validation_start``, ``validation_step`` per batch, ``on_validation_end``."""
         self.on_validation_start()
         with torch.no_grad():
-            loader = self.val_dataloader if self.val_dataloader is not None else ()
             for batch_idx, batch in enumerate(loader):
                 self.validation_step(batch, batch_idx)
         self.on_validation_end()
-        self.model.train()
+
+    def _agreed_val_metrics(self) -> dict[str, float]:
+        """``get_val_metrics()``, checked and averaged so every process agrees."""
         # An error on one process alone would leave the others in the metric average.
         with fail_together(self.accelerator, "get_val_metrics()"):
             metrics = self.get_val_metrics() or {}
@@ -643,11 +805,7 @@ class LoopBase(ABC):
                     f"get_val_metrics() must return a dict of metric name -> value, "
                     f"got {type(metrics).__name__}"
                 )
-        self.val_metrics = self._agree_on_metrics(metrics)
-        if self.val_metrics:
-            shown = " ".join(f"{k}={v:.4g}" for k, v in sorted(self.val_metrics.items()))
-            self._say(f"epoch {self.epoch + 1}/{self.epochs} validation: {shown}")
-        return self.val_metrics
+        return self._agree_on_metrics(metrics)
 
     def _sanity_validation(self) -> None:
         """Validate on ``sanity_val_batches`` batches and check the metrics they give.
@@ -971,6 +1129,14 @@ class LoopBase(ABC):
 
     def _after_train(self) -> None:
         pass
+
+    def _load_checkpoint_weights(self, checkpoint: str) -> None:
+        """Load the model weights of ``checkpoint`` into ``self.model`` (evaluation)."""
+        raise ValueError(
+            f"{type(self).__name__} cannot load checkpoint {checkpoint!r}: it has no "
+            "CheckpointMixin; pass checkpoint=None to evaluate the current weights, or "
+            "add CheckpointMixin to the trainer"
+        )
 
     def _summary_lines(self) -> list[tuple[str, str]]:
         acc = self.accelerator

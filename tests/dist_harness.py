@@ -75,6 +75,20 @@ def build(args, **extra):
     return DistTrainer(**kwargs)
 
 
+def predicted(trainer, data, batch_size):
+    """What ``trainer.predict`` returned for ``data``, checked against the model."""
+    result = trainer.predict(torch.utils.data.DataLoader(data, batch_size=batch_size))
+    with torch.no_grad():
+        expected = trainer.accelerator.unwrap_model(trainer.model).eval()(data)
+    trainer.model.train()
+    return {
+        "index": result["index"].tolist(),
+        "outputs_match_the_model": torch.allclose(result["out"][0], expected, atol=1e-6),
+        "parameter_sum": sum(p.double().sum().item() for p in trainer.model.parameters()),
+        "pair_rows": len(result["out"][1]),
+    }
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("scenario")
@@ -118,6 +132,16 @@ def main():
         trainer.checkpoint_store = store
         config = OmegaConf.create({"trainer": {"project_dir": args.project}, "seed": 0})
         seen["config_written"] = TrainLauncher("unused.yaml").save_config(config)
+    elif args.scenario == "predict":
+        trainer = build(args)
+        trainer.predict_step = lambda batch, batch_idx: {
+            "index": batch[:, 0].long(),
+            "out": (trainer.model(batch), batch[:, :2]),
+        }
+        data = torch.zeros(37, 4)
+        data[:, 0] = torch.arange(37)
+        seen["before_train"] = predicted(trainer, data, batch_size=4)
+        seen["metrics"] = trainer.validate()
     else:  # "train": plain training, with optional kill and resume
         trainer = build(
             args,
@@ -128,6 +152,8 @@ def main():
         )
     if args.scenario != "lr":
         trainer.train(seed=0)
+    if args.scenario == "predict":
+        seen["after_train"] = predicted(trainer, data, batch_size=8)
     seen.update(step=trainer.step, epoch=trainer.epoch, stopped=trainer.should_stop_training)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"{args.scenario}_rank{rank}.json"), "w") as f:

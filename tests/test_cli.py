@@ -1,5 +1,6 @@
 """The console script on the digits example, and its one-line errors."""
 
+import json
 import os
 import re
 import shutil
@@ -163,3 +164,55 @@ def test_resume_of_a_directory_without_config(monkeypatch, tmp_path, capsys):
     monkeypatch.chdir(REPO)
     assert main(["--resume", str(tmp_path)]) == 2
     assert f"--resume {tmp_path}: no config.yaml there" in capsys.readouterr().err
+
+
+def _run_tree(root) -> dict:
+    """Every entry below ``root`` with its size and modification time."""
+    found = {}
+    for parent, dirs, files in os.walk(root):
+        for name in dirs + files:
+            info = os.stat(os.path.join(parent, name))
+            found[os.path.relpath(os.path.join(parent, name), root)] = (
+                info.st_size,
+                info.st_mtime_ns,
+            )
+    return found
+
+
+def _saved_val_metrics(checkpoint) -> dict:
+    with open(checkpoint / "accel_hydra_trainer_state.json") as f:
+        return json.load(f)["val_metrics"]
+
+
+def test_validate_prints_a_checkpoints_metrics_and_writes_nothing(monkeypatch, tmp_path, capsys):
+    monkeypatch.chdir(REPO)
+    train = ["-c", CONFIG, "-o", f"trainer.project_dir={tmp_path}", "trainer.epochs=2"]
+    assert main([*train, "+trainer.progress_bar=false", "~lr_scheduler"]) == 0
+    config_bytes = (tmp_path / "config.yaml").read_bytes()
+    before = _run_tree(tmp_path)
+    capsys.readouterr()
+
+    # Default: best. One "name: value" line per metric, the exact saved floats.
+    assert main(["--resume", str(tmp_path), "--validate"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    printed = {name: float(value) for name, value in (line.split(": ") for line in lines)}
+    assert printed == _saved_val_metrics(tmp_path / "checkpoints" / "best")
+
+    assert main(["--resume", str(tmp_path), "--validate", "epoch_1", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert json.loads(out) == _saved_val_metrics(tmp_path / "checkpoints" / "epoch_1")
+
+    assert main(["--resume", str(tmp_path), "--validate", "step_999"]) == 2
+    err = capsys.readouterr().err
+    assert "--validate step_999: checkpoint" in err and "epoch_1, best, epoch_2" in err
+    assert len(err.strip().splitlines()) == 1
+
+    # Nothing in the run directory changed: config.yaml, checkpoints, logs, no lock.
+    assert (tmp_path / "config.yaml").read_bytes() == config_bytes
+    assert _run_tree(tmp_path) == before
+
+
+def test_validate_needs_resume(monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    assert main(["-c", CONFIG, "--validate"]) == 2
+    assert "--validate needs --resume RUN_DIR" in capsys.readouterr().err

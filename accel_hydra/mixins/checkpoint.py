@@ -12,9 +12,11 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
 from accelerate.utils import broadcast_object_list, gather_object
 
 from accel_hydra.distributed import DistributedStepError, fail_together
+from accel_hydra.init_weights import WEIGHT_FILES
 from accel_hydra.mixins.monitoring import MetricMonitoringMixin
 from accel_hydra.preemption import PreemptionGuard, TrainingInterrupted
 from accel_hydra.redaction import redact
@@ -587,6 +589,43 @@ class CheckpointMixin(MetricMonitoringMixin):
         parent, _, name = target.rstrip("/").rpartition("/")
         return CheckpointStore(parent or ".", self.storage_options, self.storage_timeout), name
 
+    # --------------------------------------------------------------- evaluating
+
+    def _load_checkpoint_weights(self, checkpoint: str) -> None:
+        """Load only the model weights of ``checkpoint`` (for ``validate``/``predict``).
+
+        The checkpoint is resolved like ``resume_from_checkpoint`` (a name, ``latest``,
+        a path or URL), fetched and verified against its marker's checksums like a
+        resume, and its weights file read without running code (safetensors, or
+        ``torch.load(weights_only=True)``). Optimizer, RNG, progress and the run's
+        own state stay as they are; nothing is written to the store.
+        """
+        store, name = self._resolve_resume_target(checkpoint)
+        if name is None:  # "latest" in an empty store
+            raise CheckpointNotFoundError(
+                f"checkpoint 'latest': no committed checkpoint in {redact(store.display())}; "
+                "train first, or give a checkpoint path or URL"
+            )
+        label = redact(store.display(name))
+        try:
+            local = self._fetch_verified(store, name)
+        except CheckpointNotFoundError:
+            raise CheckpointNotFoundError(
+                f"checkpoint {label} does not exist or was never committed; committed in "
+                f"{redact(store.display())}: {_committed_names(store)}. Give one of those, "
+                "'latest', or a path or URL to a checkpoint directory"
+            ) from None
+        model = self.accelerator.unwrap_model(self.model)
+        state = _read_model_weights(local, label)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as err:
+            mismatch = describe_mismatch(err) or f"{type(err).__name__}: {err}"
+            raise CheckpointMismatchError(
+                f"checkpoint {label} does not fit this model: {mismatch}; build the model "
+                "with the settings of the run that saved it"
+            ) from None
+
     def load_checkpoint(self, local_dir: str, label: str | None = None) -> None:
         """Restore the full training state from a local checkpoint directory.
 
@@ -698,3 +737,35 @@ class CheckpointMixin(MetricMonitoringMixin):
         if self.best_checkpoint:
             lines.append(("best checkpoint", self.best_checkpoint))
         return lines
+
+
+def _committed_names(store: CheckpointStore) -> str:
+    """The committed checkpoints of ``store``, most training progress last."""
+    try:
+        committed = store.committed()
+    except Exception as err:  # the listing is a hint: its failure must not hide the error
+        return f"(could not list: {type(err).__name__})"
+    names = sorted(committed, key=lambda name: checkpoint_order(name, committed[name]))
+    return ", ".join(names) or "none"
+
+
+def _read_model_weights(local_dir: str, label: str) -> dict[str, Any]:
+    """The model's state dict from a verified checkpoint directory, read code-free."""
+    for filename in WEIGHT_FILES:
+        path = os.path.join(local_dir, filename)
+        if not os.path.exists(path):
+            continue
+        try:
+            if filename.endswith(".safetensors"):
+                from safetensors.torch import load_file
+
+                return load_file(path, device="cpu")
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise CheckpointCorruptError(
+                f"checkpoint {label}: cannot read {filename} ({type(err).__name__}: {err})"
+            ) from None
+    raise CheckpointCorruptError(
+        f"checkpoint {label} holds no {' or '.join(WEIGHT_FILES)} (a sharded FSDP or "
+        "DeepSpeed state?); only checkpoints with a full weights file can be evaluated"
+    )
