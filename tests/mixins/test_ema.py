@@ -278,3 +278,30 @@ def test_killed_and_resumed_ema_is_bitwise_the_uninterrupted_one(
     assert ema.keys() == reference_ema.keys()
     for key, value in reference_ema.items():
         assert torch.equal(ema[key], value), f"EMA {key} differs"
+
+
+def test_the_average_travels_through_an_object_store_and_is_verified(tmp_path, s3):
+    from accel_hydra.storage import CheckpointCorruptError
+
+    url = s3.new_bucket() + "/run"
+    remote = {"checkpoint_dir": url, "storage_options": s3.storage_options}
+    first = run(tmp_path / "first", validate_with_ema=True, epochs=1, **remote)
+    saved = {k: v.clone() for k, v in first.ema_state_dict().items()}
+    resumed = run(
+        tmp_path / "second",
+        validate_with_ema=True,
+        epochs=1,
+        resume_from_checkpoint="latest",
+        **remote,
+    )
+    assert resumed.resumed_from == "epoch_1"
+    for key, value in saved.items():
+        assert torch.equal(resumed.ema_state_dict()[key], value)
+    # Bytes changed in the bucket after the commit: the checksum refuses the file.
+    fs = s3.filesystem()
+    path = f"{url}/epoch_1/ema.safetensors".split("://")[1]
+    data = bytearray(fs.cat(path))
+    data[-1] ^= 0xFF
+    fs.pipe(path, bytes(data))
+    with pytest.raises(CheckpointCorruptError, match="ema.safetensors"):
+        run(tmp_path / "third", validate_with_ema=True, resume_from_checkpoint="latest", **remote)
