@@ -62,7 +62,15 @@ def compile_options(setting: Any) -> dict[str, Any] | None:
             f"compile has option(s) {unknown} that torch.compile does not take; "
             f"use some of {sorted(known)}"
         )
-    return dict(setting)
+    return _plain(setting)
+
+
+def _plain(mapping: Mapping) -> dict[str, Any]:
+    """A dict of dicts: a config node (OmegaConf) becomes what torch.compile expects."""
+    return {
+        str(key): _plain(value) if isinstance(value, Mapping) else value
+        for key, value in mapping.items()
+    }
 
 
 def check_toolchain(options: dict[str, Any], device: torch.device) -> None:

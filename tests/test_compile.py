@@ -138,3 +138,14 @@ def test_digits_compiled_with_inductor_reaches_the_accuracy_band(tmp_path):
     result, accuracy = digits_accuracy(tmp_path, "+trainer.compile=true")
     assert "compile            torch.compile()" in result.stdout
     assert accuracy >= 0.95  # as tests/test_cli.py asks of the uncompiled example
+
+
+def test_the_ema_of_a_compiled_model_has_the_plain_keys_and_validates(tmp_path):
+    from tests.mixins.test_ema import EMAToy
+
+    trainer = EMAToy(**trainer_kwargs(tmp_path, compile=FAST), validate_with_ema=True)
+    trainer.train(seed=0)
+    assert sorted(trainer.ema_state_dict()) == sorted(make_model().state_dict())
+    assert trainer.validated_with == [True, True, True]
+    saved = load_file(tmp_path / "checkpoints" / "epoch_2" / "ema.safetensors")
+    assert sorted(saved) == sorted(make_model().state_dict())

@@ -129,7 +129,9 @@ class EMAMixin(LoopBase):
             )
             return
         self._check_saved(saved)
-        torch._foreach_copy_(self._ema_shadow, [saved[name] for name in self._ema_names])
+        with torch.no_grad():
+            for name, shadow in zip(self._ema_names, self._ema_shadow, strict=True):
+                shadow.copy_(saved[name])  # from the CPU to the model's device, once
 
     def _check_saved(self, saved: dict[str, Any]) -> None:
         missing = sorted(set(self._ema_names) - set(saved))

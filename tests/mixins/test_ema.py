@@ -42,7 +42,8 @@ class EMAToy(EMAMixin, ToyTrainer):
     def validation_step(self, batch, batch_idx):
         if batch_idx == 0:
             ema = self.ema_state_dict()
-            weights = self.model.state_dict()
+            plain = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+            weights = plain.state_dict()
             self.validated_with.append(all(torch.equal(weights[k], ema[k]) for k in ema))
         super().validation_step(batch, batch_idx)
 
