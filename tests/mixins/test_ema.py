@@ -34,6 +34,7 @@ class EMAToy(EMAMixin, ToyTrainer):
 
     weights_per_update: list = field(default_factory=list)
     validated_with: list = field(default_factory=list)
+    validated_weight: list = field(default_factory=list)
 
     def _after_optimizer_step(self):
         super()._after_optimizer_step()
@@ -45,6 +46,7 @@ class EMAToy(EMAMixin, ToyTrainer):
             plain = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
             weights = plain.state_dict()
             self.validated_with.append(all(torch.equal(weights[k], ema[k]) for k in ema))
+            self.validated_weight.append(weights["0.weight"].clone())
         super().validation_step(batch, batch_idx)
 
 
@@ -115,7 +117,8 @@ def test_the_sanity_validation_of_a_resumed_run_uses_the_restored_average(tmp_pa
     resumed = run(tmp_path, validate_with_ema=True, resume_from_checkpoint="latest")
     assert resumed.step == 24
     assert resumed.validated_with == [True, True]  # its sanity pass, then epoch 2
-    # The sanity pass saw the saved average, not the model's weights: they differ.
+    # The sanity pass saw the saved average, not the saved weights (they differ).
+    assert torch.equal(resumed.validated_weight[0], first.ema_state_dict()["0.weight"])
     assert not torch.equal(first.ema_state_dict()["0.weight"], first.model.state_dict()["0.weight"])
 
 
