@@ -309,3 +309,40 @@ def test_the_average_travels_through_an_object_store_and_is_verified(tmp_path, s
     fs.pipe(path, bytes(data))
     with pytest.raises(CheckpointCorruptError, match="ema.safetensors"):
         run(tmp_path / "third", validate_with_ema=True, resume_from_checkpoint="latest", **remote)
+
+
+@pytest.mark.full_grid
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
+def test_two_processes_killed_and_resumed_keep_the_same_average(tmp_path):
+    from tests.conftest import run_module
+    from tests.test_distributed import TORCHRUN
+
+    args = ["--ema", "--validate-with-ema", "--accumulation", "2", "--epochs", "2"]
+
+    def torchrun(project, result, *more):
+        return run_module(
+            "tests.resume_harness",
+            "--project",
+            project,
+            "--result",
+            result,
+            *args,
+            *more,
+            env={"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"},
+            runner=(TORCHRUN, "--standalone", "--nproc_per_node", "2"),
+        )
+
+    full = torchrun(tmp_path / "full", tmp_path / "full.pt")
+    assert full.returncode == 0, full.stderr[-3000:]
+    stopped = torchrun(tmp_path / "run", tmp_path / "unused.pt", "--signal-at", "train:1:3")
+    assert stopped.returncode != 0
+    resumed = torchrun(tmp_path / "run", tmp_path / "result.pt", "--resume", "latest")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    assert_bitwise_equal(tmp_path / "result.pt", tmp_path / "full.pt")
+    ema, reference = (
+        torch.load(tmp_path / "result.pt")["ema"],
+        torch.load(tmp_path / "full.pt")["ema"],
+    )
+    for key, value in reference.items():
+        assert torch.equal(ema[key], value), f"EMA {key} differs"
