@@ -417,7 +417,8 @@ class LoopBase(ABC):
             print(note, file=sys.stderr, flush=True)
 
     def setup_accelerator(self) -> None:
-        """Create the ``Accelerator`` and prepare model, optimizer and dataloaders."""
+        """Create the ``Accelerator``, prepare model, optimizer and dataloaders, and
+        compile the model when ``compile`` asks (its toolchain checked first)."""
         group_existed = process_group_exists()
         self.accelerator = Accelerator(**self._accelerator_kwargs())
         if not group_existed:
