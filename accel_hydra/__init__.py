@@ -5,6 +5,7 @@ from accel_hydra.loop import LoopBase
 from accel_hydra.mixins import (
     CheckpointMixin,
     EarlyStoppingMixin,
+    EMAMixin,
     GradClipMixin,
     LoggingMixin,
     LRSchedulingMixin,
@@ -16,6 +17,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointMixin",
+    "EMAMixin",
     "EarlyStoppingMixin",
     "GradClipMixin",
     "LRSchedulingMixin",

@@ -28,6 +28,8 @@ first, then add your work, so any subset of mixins composes in any order):
 ``_after_update()``              after the LR step: log, save step checkpoints
 ``_read_loss()``                 the one place the loss is moved to the host
 ``_after_validation(metrics)``   validation metrics are known and agreed on all ranks
+``_validation_context()``        a context around every validation pass (the sanity
+                                 one too): swap other weights in, and back after
 ``_epoch_end_schedule(metrics)`` epoch-based LR step
 ``_epoch_end_checkpoint(...)``   epoch and best checkpoints
 ``_epoch_end_stop_check(...)``   early stopping
@@ -37,6 +39,9 @@ first, then add your work, so any subset of mixins composes in any order):
 ``_after_checkpoint(name)``      a checkpoint was saved: sync what goes with it (logs)
 ``_state_to_save()``             the trainer's own state, merged into each checkpoint
 ``_load_state(state)``           the inverse, on resume
+``_tensors_to_save()``           extra tensor files per checkpoint: ``{stem: {name: t}}``,
+                                 each written as ``<stem>.safetensors``
+``_load_tensors(files)``         the inverse, after ``_load_state``, with every saved stem
 ``_check_resumable(state, ...)`` before a checkpoint loads: refuse one of another setup
 ``_after_train()``               training ended (normally or not): flush, close
 ``_load_checkpoint_weights(c)``  evaluation: load checkpoint ``c``'s model weights
@@ -75,6 +80,7 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, set_seed
 
 from accel_hydra.compat import UPSTREAM_TRAINER_METHODS, ProjectDir, check_upstream_methods
+from accel_hydra.compiling import check_toolchain, compile_options
 from accel_hydra.console import EpochProgress, format_duration, format_summary
 from accel_hydra.direct_updates import direct_updates_are_exact
 from accel_hydra.distributed import (
@@ -138,6 +144,12 @@ class LoopBase(ABC):
             after ``prepare``; training then starts fresh (see ``accel_hydra.init_weights``).
         init_strict: refuse weights that do not fit the model exactly; ``False`` loads
             the tensors that fit and lists the others once.
+        compile: ``True`` compiles the prepared model with ``torch.compile`` (after
+            ``init_from``); a dict passes its options (``{"backend": "aot_eager"}``,
+            ``{"mode": "max-autotune"}``). ``self.model`` is then the compiled module;
+            checkpoints hold the plain model's weights (no ``_orig_mod.`` prefix), so
+            compiled and uncompiled runs resume each other. A machine that cannot
+            build inductor's kernels fails in one line before training.
 
     Attributes:
         accelerator: the ``Accelerator``, once :meth:`setup_accelerator` ran.
@@ -187,6 +199,7 @@ class LoopBase(ABC):
     sanity_val_batches: int = 2
     init_from: str | None = None
     init_strict: bool = True
+    compile: bool | dict = False
 
     #: Seconds between plain progress lines when standard error is not a terminal.
     progress_interval: ClassVar[float] = 60.0
@@ -205,6 +218,7 @@ class LoopBase(ABC):
         if self.epoch_length is not None and self.epoch_length < 1:
             raise ValueError(f"epoch_length must be >= 1 or None, got {self.epoch_length}")
         self.project_dir = ProjectDir(self.project_dir)
+        self._compile_options = compile_options(self.compile)
         check_upstream_methods(self, UPSTREAM_TRAINER_METHODS, LoopBase)
         # Set by setup_accelerator(); None until then.
         self.accelerator: Accelerator = cast(Accelerator, None)
@@ -542,7 +556,8 @@ class LoopBase(ABC):
             print(note, file=sys.stderr, flush=True)
 
     def setup_accelerator(self) -> None:
-        """Create the ``Accelerator`` and prepare model, optimizer and dataloaders."""
+        """Create the ``Accelerator``, prepare model, optimizer and dataloaders, and
+        compile the model when ``compile`` asks (its toolchain checked first)."""
         if self.accelerator is not None:
             # An evaluation before train() prepared the model alone, for inference:
             # start again from the plain objects, as a trainer that never evaluated.
@@ -558,6 +573,8 @@ class LoopBase(ABC):
         self.accelerator = Accelerator(**self._accelerator_kwargs())
         if not group_existed:
             leave_process_group_at_exit()
+        if self._compile_options is not None:  # before anything is prepared or written
+            check_toolchain(self._compile_options, self.accelerator.device)
         if not isinstance(self.optimizer, torch.optim.Optimizer) and callable(self.optimizer):
             self.optimizer = self.optimizer(self.model.parameters())
         prepared = [self.model, self.optimizer, self.train_dataloader]
@@ -579,6 +596,10 @@ class LoopBase(ABC):
         self.pending_loss_sum = torch.zeros((), device=self.accelerator.device)
         if self.init_from:
             apply_init_from(self)
+        if self._compile_options is not None:
+            # Accelerate keeps the prepared (uncompiled) model for save_state/load_state,
+            # so checkpoints stay free of the compiled wrapper's "_orig_mod." prefix.
+            self.model = cast(torch.nn.Module, torch.compile(self.model, **self._compile_options))
         # Before any mixin's set-up writes (the run lock, writers): a directory that
         # cannot be written fails here in one line, and nothing is left behind.
         self._check_writable()
@@ -779,7 +800,8 @@ class LoopBase(ABC):
 
     def _validate(self) -> dict[str, Any]:
         self.model.eval()
-        self._validation_pass(self.val_dataloader if self.val_dataloader is not None else ())
+        with self._validation_context():
+            self._validation_pass(self.val_dataloader if self.val_dataloader is not None else ())
         self.model.train()
         self.val_metrics = self._agreed_val_metrics()
         if self.val_metrics:
@@ -822,11 +844,14 @@ class LoopBase(ABC):
         batches = iter(loader)
         try:
             self.model.eval()
-            self.on_validation_start()
-            with torch.no_grad():
-                for batch_idx, batch in zip(range(self.sanity_val_batches), batches, strict=False):
-                    self.validation_step(batch, batch_idx)
-            self.on_validation_end()
+            with self._validation_context():
+                self.on_validation_start()
+                with torch.no_grad():
+                    for batch_idx, batch in zip(
+                        range(self.sanity_val_batches), batches, strict=False
+                    ):
+                        self.validation_step(batch, batch_idx)
+                self.on_validation_end()
             # As in _validate: a failure on one process must not strand the others.
             with fail_together(self.accelerator, "get_val_metrics() (sanity validation)"):
                 metrics = self.get_val_metrics() or {}
@@ -1041,6 +1066,20 @@ class LoopBase(ABC):
     def _after_validation(self, metrics: dict[str, Any]) -> None:
         pass
 
+    def _validation_context(self) -> contextlib.AbstractContextManager[None]:
+        """A context entered around each validation pass; override to wrap it::
+
+        @contextlib.contextmanager
+        def _validation_context(self):
+            with super()._validation_context():
+                ...  # before the pass
+                try:
+                    yield
+                finally:
+                    ...  # after it, also when it failed
+        """
+        return contextlib.nullcontext()
+
     def _epoch_end_schedule(self, metrics: dict[str, Any]) -> None:
         pass
 
@@ -1127,6 +1166,20 @@ class LoopBase(ABC):
             # Called after the RNG states were restored: keep them for _epoch_batches.
             self._rng_after_restore = capture_rng_state()
 
+    def _tensors_to_save(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Extra tensor files for each checkpoint: ``{file_stem: {tensor_name: tensor}}``.
+
+        A checkpointing mixin writes each entry as ``<file_stem>.safetensors`` (code-free,
+        checksummed like every file of the checkpoint). Return the tensors themselves,
+        not copies: the writer moves them to the host.
+        """
+        return {}
+
+    def _load_tensors(self, files: dict[str, dict[str, torch.Tensor]]) -> None:
+        """The inverse of :meth:`_tensors_to_save` on resume, called after ``_load_state``
+        with every file the checkpoint holds (on the CPU); a stem may be missing from a
+        checkpoint saved before its mixin was added."""
+
     def _after_train(self) -> None:
         pass
 
@@ -1142,7 +1195,7 @@ class LoopBase(ABC):
         acc = self.accelerator
         n_params = sum(p.numel() for p in self.model.parameters())
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        return [
+        lines = [
             ("processes", str(acc.num_processes)),
             ("device", str(acc.device)),
             ("mixed precision", str(acc.mixed_precision)),
@@ -1154,6 +1207,9 @@ class LoopBase(ABC):
                 f"accumulation {self.gradient_accumulation_steps})",
             ),
         ]
+        if self._compile_options is not None:
+            lines.append(("compile", _describe_compile(self._compile_options)))
+        return lines
 
     def _end_summary_lines(self) -> list[tuple[str, str]]:
         lines = [("epochs completed", str(self.epoch)), ("updates", str(self.step))]
@@ -1169,6 +1225,11 @@ def _describe_layout(layout: dict[str, Any]) -> str:
     sizes = ", ".join(str(n) for n in groups) if isinstance(groups, list) else "?"
     count = len(groups) if isinstance(groups, list) else "?"
     return f"optimizer {layout.get('class')} ({count} param group(s) of {sizes} tensors)"
+
+
+def _describe_compile(options: dict[str, Any]) -> str:
+    shown = ", ".join(f"{k}={v!r}" for k, v in sorted(options.items()))
+    return f"torch.compile({shown})"
 
 
 def _to_float(value: Any) -> float:

@@ -32,6 +32,9 @@ multiple of 16, the processes get shards of different lengths.
 ``--stop-pid PID --stop-at N`` sends SIGSTOP to process PID (an object-store server)
 just before the checkpoint ``step_N`` is saved, so its upload meets a stalled endpoint;
 ``--storage-timeout`` and ``--retry-delays`` make such a stall fail fast.
+``--ema`` adds :class:`~accel_hydra.EMAMixin` (``--validate-with-ema`` validates with
+it) and saves the averaged weights in ``--result`` too; ``--compile BACKEND`` compiles
+the model with that ``torch.compile`` backend.
 ``--pause-at N`` writes ``PROJECT/paused`` at update N and then sleeps until killed
 (a run that holds its checkpoint directory).
 """
@@ -50,7 +53,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import DataLoader
 
-from accel_hydra import MetricMonitor, Trainer
+from accel_hydra import EMAMixin, MetricMonitor, Trainer
 from accel_hydra.data import BucketBatchSampler
 from accel_hydra.distributed import shut_down_process_group
 from tests.conftest import FixedOrderStream, ToySteps, make_loader, make_model, regression_data
@@ -123,6 +126,11 @@ class KillableTrainer(ToySteps, Trainer):
         return super()._state_to_save()
 
 
+@dataclass(kw_only=True, eq=False)
+class KillableEMATrainer(EMAMixin, KillableTrainer):
+    pass
+
+
 def bucketed_loader():
     """The regression data in batches of varying size from a BucketBatchSampler."""
     lengths = torch.randint(1, 20, (96,), generator=torch.Generator().manual_seed(3))
@@ -154,6 +162,9 @@ def main(argv=None):
     parser.add_argument("--signal-at", default=None)
     parser.add_argument("--send", choices=["KILL", "TERM"], default="KILL")
     parser.add_argument("--bucket", action="store_true", help="batches from BucketBatchSampler")
+    parser.add_argument("--ema", action="store_true", help="with EMAMixin")
+    parser.add_argument("--validate-with-ema", action="store_true")
+    parser.add_argument("--compile", default=None, help="a torch.compile backend")
     args = parser.parse_args(argv)
     if args.retry_delays is not None:
         delays = tuple(float(d) for d in args.retry_delays.split(",") if d)
@@ -172,7 +183,12 @@ def main(argv=None):
     if args.bucket:
         train_loader = bucketed_loader()
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
-    trainer = KillableTrainer(
+    extra = {}
+    if args.ema:
+        extra = {"ema_decay": 0.9, "validate_with_ema": args.validate_with_ema}
+    if args.compile:
+        extra["compile"] = {"backend": args.compile}
+    trainer = (KillableEMATrainer if args.ema else KillableTrainer)(
         model=model,
         optimizer=optimizer,
         train_dataloader=train_loader,
@@ -200,13 +216,18 @@ def main(argv=None):
         **({"storage_timeout": args.storage_timeout} if args.storage_timeout else {}),
         signal_at=signal_at,
         signal_number=getattr(signal, f"SIG{args.send}"),
+        **extra,
     )
     trainer.train(seed=0)
     if not trainer.accelerator.is_main_process:  # under torchrun: one rank writes
         return
+    model = trainer.model
+    if args.compile:  # the plain module's keys, as an uncompiled run has them
+        model = trainer.accelerator.unwrap_model(model, keep_torch_compile=False)
     torch.save(
         {
-            "model": trainer.model.state_dict(),
+            "model": model.state_dict(),
+            "ema": trainer.ema_state_dict() if args.ema else None,
             "optimizer": trainer.optimizer.state_dict(),
             "step": trainer.step,
             "epoch": trainer.epoch,

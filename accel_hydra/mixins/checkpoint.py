@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import sys
@@ -12,6 +13,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import safetensors.torch
 import torch
 from accelerate.utils import broadcast_object_list, gather_object
 
@@ -41,7 +43,7 @@ from accel_hydra.storage import (
 )
 from accel_hydra.uploader import BackgroundUploader, CheckpointUploadError, UploadProgress
 
-__all__ = ["CheckpointMixin", "TRAINER_STATE_FILE", "object_state_file"]
+__all__ = ["CheckpointMixin", "TRAINER_STATE_FILE", "object_state_file", "tensor_file"]
 
 #: The trainer's own state inside a checkpoint (progress, monitor, scheduler...), as JSON.
 TRAINER_STATE_FILE = "accel_hydra_trainer_state.json"
@@ -52,6 +54,25 @@ _LEGACY_TRAINER_STATE_FILE = "accel_hydra_trainer_state.pt"
 def object_state_file(index: int) -> str:
     """The file holding the state of ``checkpoint_objects[index]`` in a checkpoint."""
     return f"accel_hydra_object_{index}.pt"
+
+
+# A stem names a file beside Accelerate's own: a plain word, never one of theirs.
+_TENSOR_STEM = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
+_ACCELERATE_STEM = re.compile(r"(model|optimizer|scheduler|sampler|scaler|random_states)(_\d+)?")
+
+
+def tensor_file(stem: str) -> str:
+    """The file of the extra tensors ``stem`` (from ``_tensors_to_save``) in a checkpoint.
+
+    Raises:
+        ValueError: ``stem`` is not a plain word, or is one of Accelerate's own files.
+    """
+    if not _TENSOR_STEM.fullmatch(stem) or _ACCELERATE_STEM.fullmatch(stem):
+        raise ValueError(
+            f"tensor file stem {stem!r} is not allowed: use a plain word of letters, digits, "
+            "'_' or '-' (at most 64) that is not one of Accelerate's files (model, optimizer...)"
+        )
+    return f"{stem}.safetensors"
 
 
 @dataclass(kw_only=True, eq=False)
@@ -179,7 +200,9 @@ class CheckpointMixin(MetricMonitoringMixin):
                 for index, obj in enumerate(self.checkpoint_objects):
                     path = os.path.join(staged, object_state_file(index))
                     save_object_state(obj.state_dict(), path)
-                save_trainer_state(self._state_to_save(), os.path.join(staged, TRAINER_STATE_FILE))
+                stems = self._save_tensor_files(staged)
+                state = {**self._state_to_save(), "tensor_files": stems}
+                save_trainer_state(state, os.path.join(staged, TRAINER_STATE_FILE))
         # Only once every process has written its files (the block above ends in an
         # exchange between all of them): one per machine reads the whole stage.
         with fail_together(accelerator, f"checking checkpoint {store.display(name)}"):
@@ -215,6 +238,15 @@ class CheckpointMixin(MetricMonitoringMixin):
         self._last_saved_name = name
         self._after_checkpoint(name)
         return True
+
+    def _save_tensor_files(self, staged: str) -> list[str]:
+        """Write each entry of ``_tensors_to_save`` as ``<stem>.safetensors``; the stems."""
+        stems = []
+        for stem, tensors in sorted(self._tensors_to_save().items()):
+            host = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+            safetensors.torch.save_file(host, os.path.join(staged, tensor_file(stem)))
+            stems.append(stem)
+        return stems
 
     def wait_for_uploads(self) -> None:
         """Block until the checkpoint upload in flight is committed (main process).
@@ -658,6 +690,7 @@ class CheckpointMixin(MetricMonitoringMixin):
             ) from err
         self._load_checkpoint_objects(local_dir, label)
         self._load_state(state)
+        self._load_tensors(self._read_tensor_files(local_dir, label, state))
 
     def _read_trainer_state(self, local_dir: str, label: str) -> dict[str, Any]:
         """The checkpoint's trainer state (JSON; a legacy ``.pt`` one safely)."""
@@ -700,6 +733,29 @@ class CheckpointMixin(MetricMonitoringMixin):
                     "checkpoint_objects; resume with the same ones, or start fresh"
                 )
             obj.load_state_dict(load_object_state(path, owner))
+
+    def _read_tensor_files(
+        self, local_dir: str, label: str, state: dict[str, Any]
+    ) -> dict[str, dict[str, Any]]:
+        """The extra tensor files the checkpoint lists, read with safetensors (no code)."""
+        stems = state.get("tensor_files", [])
+        if not isinstance(stems, list) or not all(isinstance(s, str) for s in stems):
+            raise CheckpointCorruptError(
+                f"checkpoint {label} is damaged: tensor_files is not a list of names",
+                damaged=True,
+            )
+        files = {}
+        for stem in stems:
+            try:
+                path = os.path.join(local_dir, tensor_file(stem))
+                files[stem] = safetensors.torch.load_file(path, device="cpu")
+            except Exception as err:  # a bad stem, a missing or unreadable file
+                raise CheckpointCorruptError(
+                    f"checkpoint {label} is damaged: its tensor file {stem!r} cannot be read "
+                    f"({type(err).__name__}: {err})",
+                    damaged=True,
+                ) from err
+        return files
 
     def _state_to_save(self) -> dict[str, Any]:
         state = super()._state_to_save()
