@@ -34,7 +34,9 @@ STATE_FILE = "accel_hydra_trainer_state.json"
 
 def trained(tmp_path, **overrides):
     """A 3-epoch toy run whose best epoch (2) is not its last: a test that got the
-    current weights instead of best's would see other metrics."""
+    current weights instead of best's would see other metrics. Seeded before the model
+    is built: its initial weights decide which epoch is best."""
+    torch.manual_seed(0)
     kwargs = trainer_kwargs(
         tmp_path, epochs=3, metric_monitor=MetricMonitor(metric_name="loss"), report_to=None
     )
