@@ -43,7 +43,7 @@ def apply_init_from(loop: Any) -> None:
 
     Every process reads the file itself, so no collective is needed.
     """
-    model = loop.accelerator.unwrap_model(loop.model)
+    model = loop.accelerator.unwrap_model(loop.model, keep_torch_compile=False)
     skipped = load_initial_weights(
         model,
         loop.init_from,

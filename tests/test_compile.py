@@ -51,6 +51,15 @@ def test_a_compiled_run_resumes_exactly(tmp_path):
         assert torch.equal(plain_weights(resumed)[key], value), key
 
 
+def test_a_compiled_trainer_validates_a_checkpoint(tmp_path):
+    # validate(checkpoint) loads plain keys into the model under the compiled wrapper.
+    trainer = toy_run(tmp_path, FAST, epochs=2, save_last_k=2)
+    at_epoch_1 = load_file(tmp_path / "checkpoints" / "epoch_1" / "model.safetensors")
+    trainer.validate(checkpoint="epoch_1")
+    for key, value in plain_weights(trainer).items():
+        assert torch.equal(at_epoch_1[key], value), key
+
+
 @pytest.mark.parametrize(
     ("first", "then"),
     [(FAST, False), (False, FAST)],

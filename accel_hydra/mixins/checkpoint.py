@@ -647,7 +647,7 @@ class CheckpointMixin(MetricMonitoringMixin):
                 f"{redact(store.display())}: {_committed_names(store)}. Give one of those, "
                 "'latest', or a path or URL to a checkpoint directory"
             ) from None
-        model = self.accelerator.unwrap_model(self.model)
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         state = _read_model_weights(local, label)
         try:
             model.load_state_dict(state)
