@@ -66,7 +66,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sized
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar, Literal, cast
 
 import torch
 from accelerate import Accelerator
@@ -83,6 +83,7 @@ from accel_hydra.distributed import (
     process_group_exists,
 )
 from accel_hydra.init_weights import apply_init_from
+from accel_hydra.model_summary import module_table
 from accel_hydra.preemption import InterruptAgreement, PreemptionGuard, TrainingInterrupted
 from accel_hydra.preflight import PreflightError, check_writable
 from accel_hydra.progress import Progress
@@ -135,6 +136,11 @@ class LoopBase(ABC):
             after ``prepare``; training then starts fresh (see ``accel_hydra.init_weights``).
         init_strict: refuse weights that do not fit the model exactly; ``False`` loads
             the tensors that fit and lists the others once.
+        mixed_precision: ``"no"``, ``"bf16"`` or ``"fp16"``, given to ``Accelerator``;
+            ``None`` (default) leaves it to Accelerate (``accelerate config`` or
+            ``accelerate launch --mixed_precision``). The start summary shows the one used.
+        model_summary: print a table of the model's top-level modules with their
+            trainable and frozen parameter counts in the start summary.
 
     Attributes:
         accelerator: the ``Accelerator``, once :meth:`setup_accelerator` ran.
@@ -184,6 +190,8 @@ class LoopBase(ABC):
     sanity_val_batches: int = 2
     init_from: str | None = None
     init_strict: bool = True
+    mixed_precision: Literal["no", "bf16", "fp16"] | None = None
+    model_summary: bool = True
 
     #: Seconds between plain progress lines when standard error is not a terminal.
     progress_interval: ClassVar[float] = 60.0
@@ -201,6 +209,7 @@ class LoopBase(ABC):
             )
         if self.epoch_length is not None and self.epoch_length < 1:
             raise ValueError(f"epoch_length must be >= 1 or None, got {self.epoch_length}")
+        self._check_mixed_precision()
         self.project_dir = ProjectDir(self.project_dir)
         check_upstream_methods(self, UPSTREAM_TRAINER_METHODS, LoopBase)
         # Set by setup_accelerator(); None until then.
@@ -237,6 +246,21 @@ class LoopBase(ABC):
         self._interrupt_agreement = InterruptAgreement()
         self._stepped_optimizer: Any = None
         self._train_called = False
+
+    def _check_mixed_precision(self) -> None:
+        if self.mixed_precision is None:
+            return
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(
+                f"mixed_precision must be 'no', 'bf16', 'fp16' or None (Accelerate's "
+                f"setting), got {self.mixed_precision!r}"
+            )
+        other = self.accelerator_kwargs.get("mixed_precision")
+        if other is not None and str(other) != self.mixed_precision:
+            raise ValueError(
+                f"mixed_precision={self.mixed_precision!r} and accelerator_kwargs"
+                f"['mixed_precision']={other!r} disagree; set it once, in mixed_precision"
+            )
 
     @property
     def step(self) -> int:
@@ -851,6 +875,8 @@ class LoopBase(ABC):
         if launched_without_gpus():
             kwargs["cpu"] = True
         kwargs.update(self.accelerator_kwargs)
+        if self.mixed_precision is not None:
+            kwargs["mixed_precision"] = self.mixed_precision
         return kwargs
 
     def _after_prepare(self) -> None:
@@ -981,6 +1007,7 @@ class LoopBase(ABC):
             ("device", str(acc.device)),
             ("mixed precision", str(acc.mixed_precision)),
             ("parameters", f"{n_params:,} ({trainable:,} trainable)"),
+            *self._model_table(),
             ("epochs", f"{self.epochs} (from epoch {self.epoch}, step {self.step})"),
             (
                 "updates per epoch",
@@ -988,6 +1015,12 @@ class LoopBase(ABC):
                 f"accumulation {self.gradient_accumulation_steps})",
             ),
         ]
+
+    def _model_table(self) -> list[tuple[str, str]]:
+        if not self.model_summary:
+            return []
+        header, *rows = module_table(self.accelerator.unwrap_model(self.model))
+        return [("model", header), *(("", row) for row in rows)]
 
     def _end_summary_lines(self) -> list[tuple[str, str]]:
         lines = [("epochs completed", str(self.epoch)), ("updates", str(self.step))]
