@@ -121,7 +121,10 @@ def check_tracker_kwargs(trackers: Sequence[str], tracker_kwargs: Mapping[str, A
 
 
 def start_tracker(name: str, kwargs: Mapping[str, Any], logging_dir: str) -> GeneralTracker:
-    """Build and start Accelerate's tracker ``name`` with the user's ``kwargs``."""
+    """Build and start Accelerate's tracker ``name`` with the user's ``kwargs``.
+
+    ``logging_dir`` goes to the trackers that ask Accelerate for one (Aim's repository).
+    """
     kwargs = dict(kwargs)
     project = kwargs.pop(_PROJECT_KEY[name], DEFAULT_PROJECT)
     tracker_class = LOGGER_TYPE_TO_CLASS[name]
@@ -193,4 +196,4 @@ def drop_logged_steps(tracker: GeneralTracker) -> None:
 
     # An instance attribute, so accelerator.log and get_tracker("mlflow") still see
     # Accelerate's MLflowTracker, with every other method as it is.
-    tracker.log = log_new_points  # type: ignore[method-assign]
+    tracker.log = log_new_points

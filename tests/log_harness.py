@@ -39,7 +39,7 @@ def main() -> None:
     parser.add_argument("--storage-options", type=json.loads, default=None)
     parser.add_argument("--kill-at", type=int, default=-1)
     parser.add_argument("--resume", default=None)
-    parser.add_argument("--report-to", type=json.loads, default="tensorboard")
+    parser.add_argument("--report-to", type=json.loads, default='"tensorboard"')
     parser.add_argument("--tracker-kwargs", type=json.loads, default=None)
     parser.add_argument("--config", type=json.loads, default=None)
     args = parser.parse_args()

@@ -44,6 +44,9 @@ def tracker_env(tmp_path, monkeypatch):
     }
     for key, value in env.items():
         monkeypatch.setenv(key, value)
+    # wandb.init in this process (an earlier test) exports its service's address; a
+    # subprocess would join that service, which still holds the killed run's id.
+    monkeypatch.delenv("WANDB_SERVICE", raising=False)
     return env
 
 

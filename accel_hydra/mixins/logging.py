@@ -202,7 +202,8 @@ class LoggingMixin(LoopBase):
                 continue
             continued = self._continued_runs.get(name)
             kwargs = {**(continued or {}), **self.tracker_kwargs.get(name, {})}
-            tracker = start_tracker(name, kwargs, self._local_log_dir)
+            # Trackers that keep local files (Aim's repository) keep them in the run.
+            tracker = start_tracker(name, kwargs, str(self.project_dir))
             if continued:
                 drop_logged_steps(tracker)
             elif config:
