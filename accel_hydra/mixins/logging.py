@@ -204,11 +204,11 @@ class LoggingMixin(LoopBase):
             kwargs = {**(continued or {}), **self.tracker_kwargs.get(name, {})}
             # Trackers that keep local files (Aim's repository) keep them in the run.
             tracker = start_tracker(name, kwargs, str(self.project_dir))
+            self._add_tracker(tracker)  # from here on, _after_train finishes it
             if continued:
                 drop_logged_steps(tracker)
             elif config:
                 tracker.store_init_configuration(_flatten(config))
-            self._add_tracker(tracker)
         self._tracker_runs = run_ids(self._trackers)
 
     def _add_tracker(self, tracker: GeneralTracker) -> None:
