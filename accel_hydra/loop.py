@@ -73,7 +73,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sized
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar, Literal, cast
 
 import torch
 from accelerate import Accelerator
@@ -92,6 +92,7 @@ from accel_hydra.distributed import (
 )
 from accel_hydra.evaluation import concatenate_outputs, outputs_to_cpu, prepare_eval_loader
 from accel_hydra.init_weights import apply_init_from
+from accel_hydra.model_summary import module_table
 from accel_hydra.preemption import InterruptAgreement, PreemptionGuard, TrainingInterrupted
 from accel_hydra.preflight import PreflightError, check_writable
 from accel_hydra.progress import Progress
@@ -150,6 +151,11 @@ class LoopBase(ABC):
             checkpoints hold the plain model's weights (no ``_orig_mod.`` prefix), so
             compiled and uncompiled runs resume each other. A machine that cannot
             build inductor's kernels fails in one line before training.
+        mixed_precision: ``"no"``, ``"bf16"`` or ``"fp16"``, given to ``Accelerator``;
+            ``None`` (default) leaves it to Accelerate (``accelerate config`` or
+            ``accelerate launch --mixed_precision``). The start summary shows the one used.
+        model_summary: print a table of the model's top-level modules with their
+            trainable and frozen parameter counts in the start summary.
 
     Attributes:
         accelerator: the ``Accelerator``, once :meth:`setup_accelerator` ran.
@@ -200,6 +206,8 @@ class LoopBase(ABC):
     init_from: str | None = None
     init_strict: bool = True
     compile: bool | dict = False
+    mixed_precision: Literal["no", "bf16", "fp16"] | None = None
+    model_summary: bool = True
 
     #: Seconds between plain progress lines when standard error is not a terminal.
     progress_interval: ClassVar[float] = 60.0
@@ -217,6 +225,7 @@ class LoopBase(ABC):
             )
         if self.epoch_length is not None and self.epoch_length < 1:
             raise ValueError(f"epoch_length must be >= 1 or None, got {self.epoch_length}")
+        self._check_mixed_precision()
         self.project_dir = ProjectDir(self.project_dir)
         self._compile_options = compile_options(self.compile)
         check_upstream_methods(self, UPSTREAM_TRAINER_METHODS, LoopBase)
@@ -256,6 +265,21 @@ class LoopBase(ABC):
         self._train_called = False
         # The val loader as given, while an evaluation before train() holds it prepared.
         self._unprepared_val_dataloader: Iterable | None = None
+
+    def _check_mixed_precision(self) -> None:
+        if self.mixed_precision is None:
+            return
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(
+                f"mixed_precision must be 'no', 'bf16', 'fp16' or None (Accelerate's "
+                f"setting), got {self.mixed_precision!r}"
+            )
+        other = self.accelerator_kwargs.get("mixed_precision")
+        if other is not None and str(other) != self.mixed_precision:
+            raise ValueError(
+                f"mixed_precision={self.mixed_precision!r} and accelerator_kwargs"
+                f"['mixed_precision']={other!r} disagree; set it once, in mixed_precision"
+            )
 
     @property
     def step(self) -> int:
@@ -1034,6 +1058,8 @@ class LoopBase(ABC):
         if launched_without_gpus():
             kwargs["cpu"] = True
         kwargs.update(self.accelerator_kwargs)
+        if self.mixed_precision is not None:
+            kwargs["mixed_precision"] = self.mixed_precision
         return kwargs
 
     def _after_prepare(self) -> None:
@@ -1200,6 +1226,7 @@ class LoopBase(ABC):
             ("device", str(acc.device)),
             ("mixed precision", str(acc.mixed_precision)),
             ("parameters", f"{n_params:,} ({trainable:,} trainable)"),
+            *self._model_table(),
             ("epochs", f"{self.epochs} (from epoch {self.epoch}, step {self.step})"),
             (
                 "updates per epoch",
@@ -1210,6 +1237,13 @@ class LoopBase(ABC):
         if self._compile_options is not None:
             lines.append(("compile", _describe_compile(self._compile_options)))
         return lines
+
+    def _model_table(self) -> list[tuple[str, str]]:
+        if not self.model_summary:
+            return []
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        header, *rows = module_table(model)
+        return [("model", header), *(("", row) for row in rows)]
 
     def _end_summary_lines(self) -> list[tuple[str, str]]:
         lines = [("epochs completed", str(self.epoch)), ("updates", str(self.step))]

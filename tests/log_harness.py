@@ -3,7 +3,8 @@
 Run as ``python -m tests.log_harness --project DIR --log-dir DIR_OR_URL [options]``. It
 trains 3 epochs of 12 updates, logs ``train/loss`` on every update, saves ``step_20``
 only (no epoch or best checkpoints), and with ``--kill-at N`` sends itself SIGKILL
-inside update ``N``.
+inside update ``N``. ``--report-to`` (JSON: a name or a list) and ``--tracker-kwargs``
+(JSON) choose the trackers, ``--config`` (JSON) is the run's ``config_dict``.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ def main() -> None:
     parser.add_argument("--storage-options", type=json.loads, default=None)
     parser.add_argument("--kill-at", type=int, default=-1)
     parser.add_argument("--resume", default=None)
+    parser.add_argument("--report-to", type=json.loads, default='"tensorboard"')
+    parser.add_argument("--tracker-kwargs", type=json.loads, default=None)
+    parser.add_argument("--config", type=json.loads, default=None)
     args = parser.parse_args()
     torch.manual_seed(0)
     model = make_model(dropout=0.2)
@@ -56,6 +60,9 @@ def main() -> None:
         save_every_n_epochs=None,
         resume_from_checkpoint=args.resume,
         kill_at=args.kill_at,
+        report_to=args.report_to,
+        tracker_kwargs=args.tracker_kwargs or {},
+        config_dict=args.config,
     ).train(seed=0)
 
 

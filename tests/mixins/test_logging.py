@@ -1,3 +1,4 @@
+import importlib.util
 import os
 import uuid
 from dataclasses import dataclass, field
@@ -7,6 +8,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from accel_hydra import GradClipMixin, LoggingMixin
+from accel_hydra.trackers import TRACKERS
 from tests.conftest import ToyTrainer, compose, trainer_kwargs
 
 Logged = compose(GradClipMixin, LoggingMixin)
@@ -62,9 +64,25 @@ def test_report_to_none_writes_nothing(tmp_path):
     assert not (tmp_path / "logs").exists()
 
 
-def test_unknown_backend_is_rejected(tmp_path):
-    with pytest.raises(ValueError, match="report_to must be 'tensorboard' or None"):
-        Logged(**trainer_kwargs(tmp_path), report_to="wandb")
+def test_unknown_tracker_is_rejected_naming_the_choices(tmp_path):
+    with pytest.raises(ValueError, match="unknown tracker 'neptune'.*wandb, mlflow"):
+        Logged(**trainer_kwargs(tmp_path), report_to=["tensorboard", "neptune"])
+
+
+def test_a_missing_tracker_package_is_one_line_naming_the_pip_extra(tmp_path):
+    missing = [name for name in TRACKERS[1:] if importlib.util.find_spec(name) is None]
+    if not missing:
+        pytest.skip("every tracker package is installed here")
+    name = missing[0]
+    with pytest.raises(ImportError) as raised:
+        Logged(**trainer_kwargs(tmp_path), report_to=["tensorboard", name])
+    message = str(raised.value)
+    assert f"pip install accel_hydra[{name}]" in message and "\n" not in message
+
+
+def test_tracker_kwargs_for_a_tracker_not_logged_to_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="tracker_kwargs has an entry for 'wandb'"):
+        Logged(**trainer_kwargs(tmp_path), tracker_kwargs={"wandb": {"project": "p"}})
 
 
 @dataclass(kw_only=True, eq=False)
