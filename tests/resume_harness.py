@@ -32,6 +32,9 @@ multiple of 16, the processes get shards of different lengths.
 ``--stop-pid PID --stop-at N`` sends SIGSTOP to process PID (an object-store server)
 just before the checkpoint ``step_N`` is saved, so its upload meets a stalled endpoint;
 ``--storage-timeout`` and ``--retry-delays`` make such a stall fail fast.
+``--sync-save`` saves on the training thread (``async_save=False``); the environment
+variable ``ACCEL_HYDRA_PAUSE_SAVE`` pauses a background save at a phase
+(:mod:`accel_hydra.host_snapshot`).
 ``--pause-at N`` writes ``PROJECT/paused`` at update N and then sleeps until killed
 (a run that holds its checkpoint directory).
 """
@@ -80,6 +83,10 @@ class KillableTrainer(ToySteps, Trainer):
         self._signal_if_at("epoch_end", self.epoch - 1)
 
     def _die(self, signum=signal.SIGKILL):
+        if signum == signal.SIGKILL:
+            # These kills model a crash after the saves before it were stored; a kill
+            # during a background save is tested with ACCEL_HYDRA_PAUSE_SAVE instead.
+            self.wait_for_uploads()
         os.kill(os.getpid(), signum)
 
     def training_step(self, batch, batch_idx):
@@ -154,6 +161,7 @@ def main(argv=None):
     parser.add_argument("--signal-at", default=None)
     parser.add_argument("--send", choices=["KILL", "TERM"], default="KILL")
     parser.add_argument("--bucket", action="store_true", help="batches from BucketBatchSampler")
+    parser.add_argument("--sync-save", action="store_true", help="async_save=False")
     args = parser.parse_args(argv)
     if args.retry_delays is not None:
         delays = tuple(float(d) for d in args.retry_delays.split(",") if d)
@@ -200,6 +208,7 @@ def main(argv=None):
         **({"storage_timeout": args.storage_timeout} if args.storage_timeout else {}),
         signal_at=signal_at,
         signal_number=getattr(signal, f"SIG{args.send}"),
+        async_save=not args.sync_save,
     )
     trainer.train(seed=0)
     if not trainer.accelerator.is_main_process:  # under torchrun: one rank writes
