@@ -4,7 +4,8 @@ Starts its own S3 server (moto, on 127.0.0.1). For each size in ``--sizes`` (MB 
 training state: weights plus AdamW's two moments, a stack of 1024x1024 linear layers
 sized to it) it trains the same model with saves every ``--save-every`` updates, to a
 local directory and to ``s3://``, with ``async_save`` on and off, and reports the
-*stall* of a save (the time the training thread spends inside ``save_checkpoint``)
+*stall* of a save (the time the training thread spends inside ``save_checkpoint``, the
+save before it already finished)
 next to a plain ``torch.save`` of the same state and a memory copy of it into host
 buffers (the floor of any consistent save). It then times a resume (fetch, checksums,
 code-free check, load) from the local checkpoint against reading the same tensors with
@@ -64,6 +65,8 @@ class StallTrainer(Trainer):
     """Regression trainer that times every save as the training thread sees it."""
 
     stalls: list = field(default_factory=list)
+    #: Wait for the save in flight before the timer starts: the stall of the save alone.
+    settle: bool = False
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -73,6 +76,8 @@ class StallTrainer(Trainer):
         pass
 
     def save_checkpoint(self, name):
+        if self.settle:
+            self.wait_for_uploads()
         start = time.perf_counter()
         saved = super().save_checkpoint(name)
         self.stalls.append(time.perf_counter() - start)
@@ -222,6 +227,7 @@ def sized_run(size, args, project_dir, checkpoint_dir, storage_options=None, asy
         save_every_n_epochs=None,
         save_last_k=1,
         async_save=async_save,
+        settle=True,
     )
     trainer.train(seed=0)
     return trainer

@@ -174,3 +174,26 @@ def test_host_buffers_are_reused_between_saves_and_keep_tied_tensors_tied():
     second = buffers.copy(state)
     assert second["a"].data_ptr() == first["a"].data_ptr()  # the same host memory
     assert torch.equal(second["a"], weight) and buffers.nbytes == weight.nbytes
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_gpu_state_is_copied_into_pinned_buffers_without_a_host_sync(tmp_path):
+    from accelerate import Accelerator
+
+    from accel_hydra.host_snapshot import take_snapshot, write_snapshot
+
+    accelerator = Accelerator()
+    model = accelerator.prepare(torch.nn.Linear(64, 64).cuda())
+    before = model.weight.detach().cpu()
+    buffers = HostBuffers()
+    snapshot = take_snapshot(accelerator, buffers, [], None)
+    assert snapshot.ready is not None
+    host = snapshot.files["model.safetensors"][1]
+    assert all(t.is_pinned() for t in host.values())
+    with torch.no_grad():
+        model.weight.add_(1.0)  # queued after the copies: the snapshot keeps the old weights
+    write_snapshot(snapshot, str(tmp_path))
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "model.safetensors"))
+    assert torch.equal(saved["weight"], before)
