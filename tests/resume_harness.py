@@ -84,8 +84,10 @@ class KillableTrainer(ToySteps, Trainer):
 
     def _die(self, signum=signal.SIGKILL):
         if signum == signal.SIGKILL:
-            # These kills model a crash after the saves before it were stored; a kill
-            # during a background save is tested with ACCEL_HYDRA_PAUSE_SAVE instead.
+            # These kills model a crash after the saves before it were stored (every
+            # process gets here at the same point); a kill during a background save is
+            # tested with ACCEL_HYDRA_PAUSE_SAVE instead.
+            self._commit_pending_save()
             self.wait_for_uploads()
         os.kill(os.getpid(), signum)
 

@@ -303,19 +303,21 @@ class CheckpointMixin(MetricMonitoringMixin):
             if not written:  # a retried upload does not write the files again
                 write_snapshot(snapshot, staged, on_file)
                 check_stage_complete(staged)
+                if store.is_remote:
+                    # Sealed, the stage is a checkpoint of its own if the upload fails.
+                    store.seal(staged, info)
                 written.append(True)
             pause_for_test("marker", name)
             if store.is_remote:
-                store.seal(staged, info)
                 store.commit(name, staged, info, callback=progress)
             else:
                 store.commit(name, staged, info)
 
         if store.is_remote:
             on_failure = (
-                f"If {staged} holds a commit marker, it is a complete checkpoint: resume "
-                f"with resume_from_checkpoint={staged}; check the URL, credentials and "
-                "storage_options."
+                f"Its files are kept in {staged}, a complete checkpoint once all written "
+                f"(it then holds a commit marker): resume with resume_from_checkpoint="
+                f"{staged}; check the URL, credentials and storage_options."
             )
         else:
             on_failure = (
@@ -746,8 +748,12 @@ class CheckpointMixin(MetricMonitoringMixin):
         # A checkpoint of another setup fails here in one line, before any state changes.
         self._check_resumable(state, label)
         self._refuse_code(local_dir, label)
+        # One process holding its state whole loads it straight onto its device, not
+        # through host memory first (Accelerate does so already for several GPUs).
+        exact = snapshot_is_exact(self.accelerator) is None
+        where = {"map_location": "on_device"} if exact else {}
         try:
-            self.accelerator.load_state(local_dir)
+            self.accelerator.load_state(local_dir, **where)
         except Exception as err:
             mismatch = describe_mismatch(err)
             if mismatch:  # the files are fine: another checkpoint would not fit either
