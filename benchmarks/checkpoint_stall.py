@@ -305,6 +305,9 @@ def size_axis(args) -> None:
                     )
                     row[f"local_{mode}_s"] = statistics.median(local.stalls)
                     row[f"local_{mode}_first_s"] = local.stalls[0]
+                    row[f"local_{mode}_all_s"] = local.stalls
+                    if args.local_only:
+                        continue
                     remote = sized_run(
                         size, args, tmp, f"s3://{bucket}/{size}/{mode}", options, async_save
                     )
@@ -330,8 +333,9 @@ def size_axis(args) -> None:
         print(
             f"| {r['state_bytes'] / 1e6:.0f} MB | {r['memory_copy_s'] * 1e3:.0f} ms "
             f"| {r['torch_save_s'] * 1e3:.0f} ms | {r['local_sync_s'] * 1e3:.0f} ms "
-            f"| {r['local_async_s'] * 1e3:.0f} ms | {r['s3_sync_s'] * 1e3:.0f} ms "
-            f"| {r['s3_async_s'] * 1e3:.0f} ms | {r['local_async_s'] / r['memory_copy_s']:.2f}x "
+            f"| {r['local_async_s'] * 1e3:.0f} ms | {r.get('s3_sync_s', 0) * 1e3:.0f} ms "
+            f"| {r.get('s3_async_s', 0) * 1e3:.0f} ms "
+            f"| {r['local_async_s'] / r['memory_copy_s']:.2f}x "
             f"| {r['local_async_s'] / r['local_sync_s']:.2f}x | {r['resume_load_s'] * 1e3:.0f} ms "
             f"| {r['raw_load_s'] * 1e3:.0f} ms | {r['resume_load_s'] / r['raw_load_s']:.2f}x |"
         )
@@ -382,6 +386,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="13,200", help="MB of training state, comma-separated")
     parser.add_argument("--batches", type=int, default=12, help="updates per run (sizes)")
     parser.add_argument("--save-every", type=int, default=4, help="updates between saves")
+    parser.add_argument("--local-only", action="store_true", help="skip the S3 runs")
     parser.add_argument("--json", default=None, help="keep the rows in this JSON file")
     parser.add_argument("--plot", default=None, help="write a PNG of stall vs size here")
     parser.add_argument("--upload-throughput", action="store_true", help="the upload benchmark")
