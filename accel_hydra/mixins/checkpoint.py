@@ -748,12 +748,13 @@ class CheckpointMixin(MetricMonitoringMixin):
         # A checkpoint of another setup fails here in one line, before any state changes.
         self._check_resumable(state, label)
         self._refuse_code(local_dir, label)
-        # One process holding its state whole loads it straight onto its device, not
+        # A GPU process holding its state whole loads it straight onto its device, not
         # through host memory first (Accelerate does so already for several GPUs).
-        exact = snapshot_is_exact(self.accelerator) is None
-        where = {"map_location": "on_device"} if exact else {}
+        accelerator = self.accelerator
+        on_gpu = accelerator.device.type == "cuda" and snapshot_is_exact(accelerator) is None
+        where = {"map_location": "on_device"} if on_gpu else {}
         try:
-            self.accelerator.load_state(local_dir, **where)
+            accelerator.load_state(local_dir, **where)
         except Exception as err:
             mismatch = describe_mismatch(err)
             if mismatch:  # the files are fine: another checkpoint would not fit either
