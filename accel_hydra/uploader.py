@@ -59,8 +59,10 @@ class _Job:
         on_failure: str,
         after: Callable | None,
         progress: UploadProgress | None,
+        retry: bool = True,
     ):
         self.job, self.target, self.on_failure, self.after = job, target, on_failure, after
+        self.retry = retry
         self.progress = progress or UploadProgress()
         self.error: BaseException | None = None
         self.abandoned = threading.Event()
@@ -106,6 +108,7 @@ class BackgroundUploader:
         on_failure: str = "",
         after: Callable[[], None] | None = None,
         progress: UploadProgress | None = None,
+        retry: bool = True,
     ) -> None:
         """Start ``job`` in the background once the previous one is done.
 
@@ -118,12 +121,14 @@ class BackgroundUploader:
             after: run once after ``job`` succeeded, not retried (pruning).
             progress: the callback ``job`` hands to fsspec (``callback=``), so that a
                 long upload that still moves is not taken for a stalled one.
+            retry: False runs ``job`` once (a local save: its failure, a full disk,
+                would only repeat).
 
         Raises:
             CheckpointUploadError: the *previous* upload failed.
         """
         self.wait()
-        running = _Job(job, target, on_failure, after, progress)
+        running = _Job(job, target, on_failure, after, progress, retry)
         running.thread = threading.Thread(
             target=self._run, args=(running,), name=f"accel_hydra upload {target}", daemon=True
         )
@@ -166,7 +171,8 @@ class BackgroundUploader:
 
     def _run(self, job: _Job) -> None:
         try:
-            for attempt, delay in enumerate((*self.retry_delays, None)):
+            delays = self.retry_delays if job.retry else ()
+            for attempt, delay in enumerate((*delays, None)):
                 try:
                     job.progress.call()
                     job.job()

@@ -35,6 +35,9 @@ just before the checkpoint ``step_N`` is saved, so its upload meets a stalled en
 ``--ema`` adds :class:`~accel_hydra.EMAMixin` (``--validate-with-ema`` validates with
 it) and saves the averaged weights in ``--result`` too; ``--compile BACKEND`` compiles
 the model with that ``torch.compile`` backend.
+``--sync-save`` saves on the training thread (``async_save=False``); the environment
+variable ``ACCEL_HYDRA_PAUSE_SAVE`` pauses a background save at a phase
+(:mod:`accel_hydra.host_snapshot`).
 ``--pause-at N`` writes ``PROJECT/paused`` at update N and then sleeps until killed
 (a run that holds its checkpoint directory).
 """
@@ -83,6 +86,12 @@ class KillableTrainer(ToySteps, Trainer):
         self._signal_if_at("epoch_end", self.epoch - 1)
 
     def _die(self, signum=signal.SIGKILL):
+        if signum == signal.SIGKILL:
+            # These kills model a crash after the saves before it were stored (every
+            # process gets here at the same point); a kill during a background save is
+            # tested with ACCEL_HYDRA_PAUSE_SAVE instead.
+            self._commit_pending_save()
+            self.wait_for_uploads()
         os.kill(os.getpid(), signum)
 
     def training_step(self, batch, batch_idx):
@@ -165,6 +174,7 @@ def main(argv=None):
     parser.add_argument("--ema", action="store_true", help="with EMAMixin")
     parser.add_argument("--validate-with-ema", action="store_true")
     parser.add_argument("--compile", default=None, help="a torch.compile backend")
+    parser.add_argument("--sync-save", action="store_true", help="async_save=False")
     args = parser.parse_args(argv)
     if args.retry_delays is not None:
         delays = tuple(float(d) for d in args.retry_delays.split(",") if d)
@@ -217,6 +227,7 @@ def main(argv=None):
         signal_at=signal_at,
         signal_number=getattr(signal, f"SIG{args.send}"),
         **extra,
+        async_save=not args.sync_save,
     )
     trainer.train(seed=0)
     if not trainer.accelerator.is_main_process:  # under torchrun: one rank writes

@@ -180,6 +180,9 @@ class FailingWriteTrainer(ToyTrainer):
     fail_at: str = ""
     how: str = "tmpfs"
     filler: str = ""
+    # The limits are set and lifted around the save on this thread: the synchronous
+    # writer (still used under FSDP and DeepSpeed) is the one these tests exercise.
+    async_save: bool = False
 
     def __post_init__(self):
         super().__post_init__()

@@ -96,7 +96,9 @@ def test_sigkill_anywhere_then_resume_is_bitwise_equal(tmp_path, reference, kill
 
 
 def test_sigkill_during_a_save_leaves_the_previous_checkpoint(tmp_path, reference):
-    killed = harness(tmp_path, tmp_path / "unused.pt", "--kill", "during_save", "--at", 18)
+    killed = harness(
+        tmp_path, tmp_path / "unused.pt", "--kill", "during_save", "--at", 18, "--sync-save"
+    )
     assert killed.returncode == -signal.SIGKILL
     checkpoints = tmp_path / "checkpoints"
     assert (checkpoints / ".staging-step_18" / "model.safetensors").exists()  # half-written

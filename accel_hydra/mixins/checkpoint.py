@@ -18,6 +18,13 @@ import torch
 from accelerate.utils import broadcast_object_list, gather_object
 
 from accel_hydra.distributed import DistributedStepError, fail_together
+from accel_hydra.host_snapshot import (
+    HostBuffers,
+    pause_for_test,
+    snapshot_is_exact,
+    take_snapshot,
+    write_snapshot,
+)
 from accel_hydra.init_weights import WEIGHT_FILES
 from accel_hydra.mixins.monitoring import MetricMonitoringMixin
 from accel_hydra.preemption import PreemptionGuard, TrainingInterrupted
@@ -106,6 +113,16 @@ class CheckpointMixin(MetricMonitoringMixin):
             one before it returns, also after an error or a preemption. A failed
             upload is retried (:attr:`upload_retry_delays`), then raised naming the URL.
             Ignored for local paths, which are committed by a rename.
+        async_save: copy the state into host memory at each save (a memory copy;
+            pinned and reused between saves when it lives on a GPU), then write and
+            commit the checkpoint on a background thread while training goes on. At
+            most one save is in flight (the next one waits for it); ``train()`` waits
+            for the last one, also after an error or a preemption; a process killed
+            meanwhile leaves the previous checkpoint as ``latest``. It costs one host
+            copy of the state (weights, optimizer, the rest). Used on one process and
+            under DDP; FSDP, DeepSpeed and Megatron save synchronously. With several
+            processes a checkpoint is committed at the next save (or at the end of
+            training), once every process has written its files.
         storage_timeout: seconds one request to a remote ``checkpoint_dir`` may wait
             for the server (to connect, or for the next bytes of an answer) before it
             fails; a request is tried twice. An upload that makes no progress for
@@ -128,6 +145,7 @@ class CheckpointMixin(MetricMonitoringMixin):
     permanent_save_every_n_steps: int | None = None
     resume_from_checkpoint: str | None = None
     async_upload: bool = True
+    async_save: bool = True
     storage_timeout: float | None = DEFAULT_STORAGE_TIMEOUT
 
     #: Seconds between the attempts of a failed upload (one retry per entry).
@@ -174,26 +192,51 @@ class CheckpointMixin(MetricMonitoringMixin):
         self._run_lock: LocalRunLock | RemoteLease | None = None
         self._interrupting = False
         self._several_machines: bool | None = None
+        self._host_buffers = HostBuffers()
+        # A save whose files are being written in the background, committed at the
+        # next save or at the end (several processes only): (name, stage, info).
+        self._pending_save: tuple[str, str, dict[str, Any]] | None = None
+        self._sync_save_reason: str | None = None
 
     # ----------------------------------------------------------------- saving
 
     def save_checkpoint(self, name: str) -> bool:
         """Save the full training state as checkpoint ``name``; call on every process.
 
+        With :attr:`async_save` the state is copied to host memory here and written and
+        committed in the background (see the class docstring).
+
         Returns:
-            True when the checkpoint was committed, False when a mixin vetoed the save
-            (for example after a non-finite loss).
+            True when the checkpoint was committed (or, saving asynchronously, its state
+            taken), False when a mixin vetoed the save (for example after a non-finite
+            loss).
         """
         if not self._ok_to_save():
             return False
         accelerator = self.accelerator
         store = self.checkpoint_store
         staged = store.staging_dir(name)
+        # The save before this one first: its files written and committed, in order.
+        self._commit_pending_save()
         # The upload in flight may read this very stage (``best`` again): finish it first.
         self._wait_for_uploads_on_every_process()
         if accelerator.is_local_main_process:
             store.clear_staging(name)
         accelerator.wait_for_everyone()
+        step, epoch, batches = self._progress()
+        info = {"step": step, "epoch": epoch, "batches_in_epoch": batches}
+        if self._saves_in_background():
+            self._save_in_background(name, staged, info)
+        else:
+            self._save_now(name, staged, info)
+        self._last_saved = self._progress()
+        self._last_saved_name = name
+        self._after_checkpoint(name)
+        return True
+
+    def _save_now(self, name: str, staged: str, info: dict[str, Any]) -> None:
+        """Write the stage on this thread with Accelerate's ``save_state``, then commit."""
+        accelerator, store = self.accelerator, self.checkpoint_store
         accelerator.save_state(staged)
         with fail_together(accelerator, f"writing checkpoint {store.display(name)}"):
             if accelerator.is_main_process:
@@ -203,13 +246,16 @@ class CheckpointMixin(MetricMonitoringMixin):
                 stems = self._save_tensor_files(staged)
                 state = {**self._state_to_save(), "tensor_files": stems}
                 save_trainer_state(state, os.path.join(staged, TRAINER_STATE_FILE))
-        # Only once every process has written its files (the block above ends in an
+        self._check_and_commit(name, staged, info)
+
+    def _check_and_commit(self, name: str, staged: str, info: dict[str, Any]) -> None:
+        """Commit a stage every process has written: locally, or uploaded."""
+        accelerator, store = self.accelerator, self.checkpoint_store
+        # Only once every process has written its files (the block before ends in an
         # exchange between all of them): one per machine reads the whole stage.
         with fail_together(accelerator, f"checking checkpoint {store.display(name)}"):
             if accelerator.is_local_main_process:
                 check_stage_complete(staged)
-        step, epoch, batches = self._progress()
-        info = {"step": step, "epoch": epoch, "batches_in_epoch": batches}
         if store.is_remote and self._stages_per_machine():
             self._upload_from_every_machine(name, staged, info)
         elif store.is_remote:
@@ -234,10 +280,106 @@ class CheckpointMixin(MetricMonitoringMixin):
                     store.commit(name, staged, info)
                     self._prune(newest=name)
         accelerator.wait_for_everyone()
-        self._last_saved = self._progress()
-        self._last_saved_name = name
-        self._after_checkpoint(name)
-        return True
+
+    def _saves_in_background(self) -> bool:
+        if not self.async_save:
+            return False
+        if self._sync_save_reason is None:
+            self._sync_save_reason = snapshot_is_exact(self.accelerator) or ""
+        return not self._sync_save_reason
+
+    def _save_in_background(self, name: str, staged: str, info: dict[str, Any]) -> None:
+        """Copy the state to host memory now; write and commit it on the writer thread.
+
+        One process: the background job writes, checks and commits (uploads) the stage.
+        Several: each writes its own files; the commit, which needs every process to
+        agree, waits for the next save or the end of training, on this thread.
+        """
+        accelerator, store = self.accelerator, self.checkpoint_store
+        main = accelerator.is_main_process
+        tensors = self._tensors_to_save() if main else {}
+        for stem in tensors:
+            tensor_file(stem)  # a bad stem fails here, as on the synchronous path
+        state = {**self._state_to_save(), "tensor_files": sorted(tensors)} if main else None
+        snapshot = take_snapshot(
+            accelerator,
+            self._host_buffers,
+            [obj.state_dict() for obj in self.checkpoint_objects] if main else [],
+            state,
+            tensor_files=tensors,
+        )
+        pause_for_test("snapshot", name)
+        progress = UploadProgress()
+        target = redact(store.display(name))
+
+        def on_file(file: str) -> None:
+            progress.call()
+            pause_for_test("serialization", name)
+
+        if accelerator.num_processes > 1:
+            self._uploader.submit(
+                lambda: write_snapshot(snapshot, staged, on_file),
+                target,
+                on_failure=f"Nothing was committed; check the free space of {staged}.",
+                progress=progress,
+                retry=False,
+            )
+            self._pending_save = (name, staged, info)
+            return
+        written: list[bool] = []
+
+        def write_and_commit() -> None:
+            if not written:  # a retried upload does not write the files again
+                write_snapshot(snapshot, staged, on_file)
+                check_stage_complete(staged)
+                if store.is_remote:
+                    # Sealed, the stage is a checkpoint of its own if the upload fails.
+                    store.seal(staged, info)
+                written.append(True)
+            pause_for_test("marker", name)
+            if store.is_remote:
+                store.commit(name, staged, info, callback=progress)
+            else:
+                store.commit(name, staged, info)
+
+        if store.is_remote:
+            on_failure = (
+                f"Its files are kept in {staged}, a complete checkpoint once all written "
+                f"(it then holds a commit marker): resume with resume_from_checkpoint="
+                f"{staged}; check the URL, credentials and storage_options."
+            )
+        else:
+            on_failure = (
+                "The checkpoints committed before it are untouched; check the free space "
+                f"and permissions of {store.display()}."
+            )
+        self._uploader.submit(
+            write_and_commit,
+            target,
+            on_failure=on_failure,
+            after=lambda: self._prune(newest=name),
+            progress=progress,
+            retry=store.is_remote,
+        )
+        if store.is_remote and not self.async_upload:
+            self._wait_for_uploads_on_every_process()
+
+    def _commit_pending_save(self) -> None:
+        """Commit the save whose files every process wrote in the background.
+
+        Runs on the training thread of every process (collectives never run on the
+        writer threads): each waits for its own writer, then they agree and commit.
+        """
+        pending, self._pending_save = self._pending_save, None
+        if pending is None:
+            return
+        name, staged, info = pending
+        with fail_together(
+            self.accelerator, f"writing checkpoint {self.checkpoint_store.display(name)}"
+        ):
+            self._uploader.wait()
+        pause_for_test("marker", name)
+        self._check_and_commit(name, staged, info)
 
     def _save_tensor_files(self, staged: str) -> list[str]:
         """Write each entry of ``_tensors_to_save`` as ``<stem>.safetensors``; the stems."""
@@ -410,6 +552,7 @@ class CheckpointMixin(MetricMonitoringMixin):
         elif self._last_saved_name is None:  # resumed and interrupted before any update
             return self.resumed_from and self.checkpoint_store.display(self.resumed_from)
         # The grace period before SIGKILL is short: the checkpoint must be stored now.
+        self._commit_pending_save()
         self._wait_for_uploads_on_every_process()
         return self.checkpoint_store.display(self._last_saved_name)
 
@@ -570,6 +713,10 @@ class CheckpointMixin(MetricMonitoringMixin):
 
     def _after_train(self) -> None:
         try:
+            if sys.exc_info()[0] is None:
+                # After an error the processes may not meet again: an uncommitted
+                # save stays a stage, cleared at the next start.
+                self._commit_pending_save()
             self.wait_for_uploads()
         finally:
             try:
@@ -676,8 +823,13 @@ class CheckpointMixin(MetricMonitoringMixin):
         # A checkpoint of another setup fails here in one line, before any state changes.
         self._check_resumable(state, label)
         self._refuse_code(local_dir, label)
+        # A GPU process holding its state whole loads it straight onto its device, not
+        # through host memory first (Accelerate does so already for several GPUs).
+        accelerator = self.accelerator
+        on_gpu = accelerator.device.type == "cuda" and snapshot_is_exact(accelerator) is None
+        where = {"map_location": "on_device"} if on_gpu else {}
         try:
-            self.accelerator.load_state(local_dir)
+            accelerator.load_state(local_dir, **where)
         except Exception as err:
             mismatch = describe_mismatch(err)
             if mismatch:  # the files are fine: another checkpoint would not fit either
@@ -779,6 +931,11 @@ class CheckpointMixin(MetricMonitoringMixin):
             where += f" (staged in {store.staging_root}, "
             where += "uploaded in the background)" if self.async_upload else "uploaded)"
         lines.append(("checkpoints", where))
+        if self._saves_in_background():
+            lines.append(("checkpoint saves", "in the background (one host copy of the state)"))
+        else:
+            reason = self._sync_save_reason or "async_save=False"
+            lines.append(("checkpoint saves", f"synchronous ({reason})"))
         if self.storage_options:
             lines.append(("storage options", str(redact(self.storage_options))))
         if self.resumed_from:
