@@ -29,6 +29,7 @@ def run_cli(tmp_path, *args, env=None):
     )
 
 
+@pytest.mark.single_env
 def test_digits_example_reaches_95_percent(tmp_path):
     result = run_cli(tmp_path, "-c", CONFIG, "-o", f"trainer.project_dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-3000:]

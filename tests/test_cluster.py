@@ -44,6 +44,7 @@ def test_slurm_launcher_dry_run(tmp_path):
     assert not (tmp_path / "outputs").exists() and not (tmp_path / "multirun").exists()
 
 
+@pytest.mark.single_env
 def test_sweep_through_the_submitit_plugin(tmp_path):
     sweep = tmp_path / "sweep"
     done = hydra_app(
@@ -62,6 +63,7 @@ def test_sweep_through_the_submitit_plugin(tmp_path):
         assert f"lr: {lr}" in (sweep / job / "config.yaml").read_text()
 
 
+@pytest.mark.single_env
 def test_a_hydra_app_job_resumes_with_the_plain_command(tmp_path):
     sweep = tmp_path / "sweep"
     done = hydra_app(

@@ -37,6 +37,16 @@ def remote_harness(tmp_path, backend, url, result, *args):
     return harness(tmp_path, result, "--checkpoint-dir", url, "--storage-options", options, *args)
 
 
+# S3 runs in every torch env; the same protocol on GCS and Azure (fsspec, not torch) in one.
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "s3",
+        pytest.param("gcs", marks=pytest.mark.single_env),
+        pytest.param("azure", marks=pytest.mark.single_env),
+    ],
+    indirect=True,
+)
 def test_sigkill_after_save_then_resume_latest_is_bitwise_equal(tmp_path, backend, reference):
     url = backend.new_bucket() + "/run"
     killed = remote_harness(
@@ -56,6 +66,7 @@ def test_sigkill_after_save_then_resume_latest_is_bitwise_equal(tmp_path, backen
     assert_bitwise_equal(reference, tmp_path / "result.pt")
 
 
+@pytest.mark.single_env
 def test_sigterm_flushes_the_upload_before_exiting(tmp_path, s3, reference):
     url = s3.new_bucket() + "/run"
     stopped = remote_harness(
@@ -71,6 +82,7 @@ def test_sigterm_flushes_the_upload_before_exiting(tmp_path, s3, reference):
     assert_bitwise_equal(reference, tmp_path / "result.pt")
 
 
+@pytest.mark.single_env
 def test_two_processes_and_two_machines_save_to_s3_and_resume_bitwise(tmp_path, s3):
     """2 real processes (gloo), first on one machine, then as if on two.
 
@@ -182,6 +194,7 @@ def kept_stage(stderr: str) -> str:
     return match.group(1)
 
 
+@pytest.mark.single_env
 def test_stalled_endpoint_fails_the_upload_and_its_kept_stage_resumes(
     tmp_path, stoppable_s3, reference
 ):
@@ -210,6 +223,7 @@ def test_stalled_endpoint_fails_the_upload_and_its_kept_stage_resumes(
     assert_bitwise_equal(reference, tmp_path / "result.pt")
 
 
+@pytest.mark.single_env
 def test_sigterm_while_waiting_for_a_stalled_upload_exits_143_naming_url_and_stage(
     tmp_path, stoppable_s3
 ):
