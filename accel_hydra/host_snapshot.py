@@ -111,7 +111,7 @@ class HostBuffers:
             copied = type(value)((key, self.copy(item)) for key, item in value.items())
             metadata = getattr(value, "_metadata", None)
             if metadata is not None:  # a module's state_dict: versions of its modules
-                copied._metadata = copy.deepcopy(metadata)
+                copied._metadata = copy.deepcopy(metadata)  # type: ignore[attr-defined]
             return copied
         if isinstance(value, list | tuple) and not hasattr(value, "_fields"):
             return type(value)(self.copy(item) for item in value)
