@@ -272,7 +272,7 @@ def run_trainer(workload: Workload, clock: StepClock, every_mixin: bool) -> None
                 early_stop=epochs,
             )
         else:
-            trainer = BenchTrainer(**common, report_to=None, stop_on_nan=False, progress_bar=False)
+            trainer = BenchTrainer(**common, report_to=None, progress_bar=False)
         with quietly():
             trainer.train(seed=0)
 
