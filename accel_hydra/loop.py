@@ -329,9 +329,10 @@ class LoopBase(ABC):
                     batch = next batch (a resumed epoch starts at progress.batch;
                                         a loader without len() may end the epoch)
                     loss = training_step(batch, batch_idx); backward(loss)
-                    on an update: NaN guard (a bad update is skipped and stops the run);
-                                  clip gradients; optimizer step; step += 1;
-                                  LR step (step interval); log; step checkpoint;
+                    on an update: clip gradients; NaN flag on the device (a fused
+                                  optimizer skips a bad update); optimizer step;
+                                  step += 1; LR step (step interval); log (a
+                                  non-finite loss read stops the run); step checkpoint;
                                   on SIGTERM/SIGINT: checkpoint and exit
                     if should_stop_training: on_train_epoch_end(); end the run
                 if val_dataloader: on_validation_start(); validation_step(...) per batch;
