@@ -323,6 +323,7 @@ class LoopBase(ABC):
 
             set_seed(seed); setup_accelerator(); check directories are writable
             restore checkpoint; sanity validation (sanity_val_batches); on_train_start()
+            resolve the per-batch extension points the class overrides (only those run)
             while epoch < epochs and not should_stop_training:
                 on_train_epoch_start()
                 while not progress.epoch_done():   # asked before each fetch
