@@ -644,7 +644,8 @@ def main() -> None:
         if not args.no_calls:
             for variant in variants:
                 counted = measure(variant, workload, count_calls=True, upstream=args.upstream)
-                per_variant[variant]["calls_per_step"] = counted["calls_per_step"]
+                for key in ("calls_per_step", "python_calls_per_step"):
+                    per_variant[variant][key] = counted[key]
         results[workload] = per_variant
     print()
     print(f"{time.strftime('%Y-%m-%d')}  " + "  ".join(f"{k} {v}" for k, v in versions().items()))
