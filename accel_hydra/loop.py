@@ -13,7 +13,10 @@ attributes, and touches no other private name that it does not define itself
 becomes a public attribute of the loop (``last_grad_norm``, ``samples_per_second``).
 
 Extension points for mixin authors (each a no-op here; override, call ``super()``
-first, then add your work, so any subset of mixins composes in any order):
+first, then add your work, so any subset of mixins composes in any order). The
+per-batch ones (``_update_is_safe`` to ``_after_update``, see
+``accel_hydra.extension_points``) are looked up once at the start of ``train()``: the
+loop calls only those the composed class overrides, so an unused one costs nothing:
 
 ===============================  =======================================================
 ``_accelerator_kwargs()``        keyword arguments for ``Accelerator`` (returns a dict)
@@ -91,6 +94,7 @@ from accel_hydra.distributed import (
     process_group_exists,
 )
 from accel_hydra.evaluation import concatenate_outputs, outputs_to_cpu, prepare_eval_loader
+from accel_hydra.extension_points import PER_BATCH_POINTS, overridden_points
 from accel_hydra.init_weights import apply_init_from
 from accel_hydra.model_summary import module_table
 from accel_hydra.preemption import InterruptAgreement, PreemptionGuard, TrainingInterrupted
@@ -280,6 +284,8 @@ class LoopBase(ABC):
                 f"mixed_precision={self.mixed_precision!r} and accelerator_kwargs"
                 f"['mixed_precision']={other!r} disagree; set it once, in mixed_precision"
             )
+        # Resolved again at train() start; until then every point is called.
+        self._per_batch_points = frozenset(PER_BATCH_POINTS)
 
     @property
     def step(self) -> int:
@@ -495,15 +501,17 @@ class LoopBase(ABC):
 
             set_seed(seed); setup_accelerator(); check directories are writable
             restore checkpoint; sanity validation (sanity_val_batches); on_train_start()
+            resolve the per-batch extension points the class overrides (only those run)
             while epoch < epochs and not should_stop_training:
                 on_train_epoch_start()
                 while not progress.epoch_done():   # asked before each fetch
                     batch = next batch (a resumed epoch starts at progress.batch;
                                         a loader without len() may end the epoch)
                     loss = training_step(batch, batch_idx); backward(loss)
-                    on an update: NaN guard (a bad update is skipped and stops the run);
-                                  clip gradients; optimizer step; step += 1;
-                                  LR step (step interval); log; step checkpoint;
+                    on an update: clip gradients; NaN flag on the device (a fused
+                                  optimizer skips a bad update); optimizer step;
+                                  step += 1; LR step (step interval); log (a
+                                  non-finite loss read stops the run); step checkpoint;
                                   on SIGTERM/SIGINT: checkpoint and exit
                     if should_stop_training: on_train_epoch_end(); end the run
                 if val_dataloader: on_validation_start(); validation_step(...) per batch;
@@ -556,6 +564,7 @@ class LoopBase(ABC):
         try:
             with self._preemption:
                 self.on_train_start()
+                self._per_batch_points = overridden_points(self, LoopBase)
                 while self.progress.epoch < self.epochs and not self.should_stop_training:
                     self._run_epoch()
                 self.on_train_end()
@@ -675,13 +684,15 @@ class LoopBase(ABC):
         )
         if self._run_clock is None:
             self._run_clock = (time.perf_counter(), self._run_batches_done())
+        draws = self.progress_bar and self.accelerator.is_main_process
         self._start_train_clock()
         try:
             for batch_idx, batch in self._epoch_batches():
                 self._train_batch(batch, batch_idx)
-                bar.advance()
-                if self.pending_loss_count == 0:  # the loss was read on this update
-                    bar.show(self._progress_values())
+                if draws:
+                    bar.advance()
+                    if self.pending_loss_count == 0:  # the loss was read on this update
+                        bar.show(self._progress_values())
                 if self.should_stop_training:
                     break
             self._stop_train_clock()
@@ -768,14 +779,24 @@ class LoopBase(ABC):
             return
         progress.accumulated = 0
         progress.step += 1
-        self._after_optimizer_step()
-        logging_step = self._is_logging_step()
-        if logging_step:
+        points = self._per_batch_points
+        if "_after_optimizer_step" in points:
+            self._after_optimizer_step()
+        if "_is_logging_step" in points and self._is_logging_step():
             self._read_loss()
-        self._stop_train_clock()  # logs and step checkpoints are not training time
-        self._after_update()
-        self._start_train_clock()
-        if self._interrupt_requested(sync_point=False):
+        if "_after_update" in points:
+            # Logs and step checkpoints are not training time: the train clock stops
+            # around them (_stop_train_clock/_start_train_clock, inlined per update).
+            since = self._train_clock_since
+            if since is not None:
+                self._train_seconds += time.perf_counter() - since
+                self._train_clock_since = None
+            self._after_update()
+            self._train_clock_since = time.perf_counter()
+        if self.single_process:  # _interrupt_requested, inlined per update
+            if self._preemption.signal_number is not None:
+                self._stop_for_interrupt()
+        elif self._interrupt_requested(sync_point=False):
             self._stop_for_interrupt()
 
     def _forward_backward(self, batch: Any, batch_idx: int) -> None:
@@ -810,10 +831,12 @@ class LoopBase(ABC):
     def _apply_update(self) -> bool:
         """One optimizer update from the complete gradients; False if it was vetoed."""
         optimizer = self._stepped_optimizer
-        if not self._update_is_safe():
+        points = self._per_batch_points
+        if "_update_is_safe" in points and not self._update_is_safe():
             optimizer.zero_grad(set_to_none=True)
             return False
-        self._before_optimizer_step()
+        if "_before_optimizer_step" in points:
+            self._before_optimizer_step()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return True

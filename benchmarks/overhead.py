@@ -13,7 +13,8 @@ read every 50 steps):
 * ``accelerate``   a hand-written Accelerate loop (``prepare``, ``accelerator.backward``,
                    ``accelerator.clip_grad_norm_``).
 * ``trainer``      ``accel_hydra.Trainer``: clipping, a per-update scheduler, logging
-                   every 50 steps without a writer, no checkpoints, no NaN guard.
+                   every 50 steps without a writer, no checkpoints, the default
+                   (sync-free) NaN guard.
 * ``trainer_all``  ``Trainer`` with every mixin doing work: tensorboard every 50
                    steps, step checkpoints every 500 updates to a local directory,
                    early stopping on a (small) validation set, the NaN guard, the
@@ -24,8 +25,13 @@ read every 50 steps):
 Workloads: ``tiny`` (MLP 32-64-10, batch 64: framework overhead dominates) and
 ``compute`` (MLP 512-2048-2048-10, batch 256: the arithmetic dominates).
 
-Besides time it counts Python function calls per step (``sys.setprofile`` over the
-timed epochs, in a separate process): exact and repeatable where times drift.
+Besides time it counts function calls per step (``sys.setprofile`` over the timed
+epochs, in a separate process): exact and repeatable where times drift. ``calls/step``
+counts Python and C calls, ``py calls`` the Python ones only; a last line gives the
+Python calls per step of ``LoopBase`` with 0 to 5 of ``Trainer``'s mixins
+(``mixins<k>`` workers; without LRSchedulingMixin/GradClipMixin the scheduler and
+clipping do not run, so read the bracketed accel_hydra-only count for the trainer's
+own share).
 
 Run from the repository root::
 
@@ -37,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import importlib.util
 import json
 import os
@@ -87,6 +94,8 @@ class StepClock:
         self.count_calls = count_calls or by_function
         self.by_function: Counter | None = Counter() if by_function else None
         self.calls = 0
+        self.python_calls = 0
+        self.own_calls = 0
         self.marks: list[float] = []
 
     def epoch_started(self, epoch: int) -> None:
@@ -102,6 +111,10 @@ class StepClock:
     def _count(self, frame, event, arg) -> None:
         if event == "call" or event == "c_call":
             self.calls += 1
+            if event == "call":
+                self.python_calls += 1
+                if _OWN_PACKAGE in frame.f_code.co_filename:
+                    self.own_calls += 1
             if self.by_function is not None:
                 self.by_function[_where(frame, event, arg)] += 1
 
@@ -115,9 +128,15 @@ class StepClock:
         steps = per_epoch * self.workload.timed_epochs
         if self.count_calls:
             result["calls_per_step"] = self.calls / steps
+            result["python_calls_per_step"] = self.python_calls / steps
+            result["own_calls_per_step"] = self.own_calls / steps
         if self.by_function is not None:
             result["by_function"] = {k: n / steps for k, n in self.by_function.most_common()}
         return result
+
+
+#: Frames of the trainer package itself (its own per-step work, apart from torch's).
+_OWN_PACKAGE = os.sep + "accel_hydra" + os.sep
 
 
 def _where(frame, event: str, arg) -> str:
@@ -218,15 +237,37 @@ def run_accelerate(workload: Workload, clock: StepClock) -> None:
     clock.finished()
 
 
-def run_trainer(workload: Workload, clock: StepClock, every_mixin: bool) -> None:
+#: The mixins of ``Trainer``, in the order ``mixins<k>`` composes the first ``k``.
+MIXIN_ORDER = (
+    "CheckpointMixin",
+    "EarlyStoppingMixin",
+    "LoggingMixin",
+    "LRSchedulingMixin",
+    "GradClipMixin",
+)
+
+
+def run_trainer(
+    workload: Workload, clock: StepClock, every_mixin: bool, mixins: int | None = None
+) -> None:
     from dataclasses import dataclass as trainer_dataclass
 
     from torch.nn.functional import cross_entropy
 
-    from accel_hydra import MetricMonitor, Trainer
+    import accel_hydra
+    from accel_hydra import LoopBase, MetricMonitor, Trainer
+
+    if mixins is None:
+        base: type = Trainer
+    else:  # the first `mixins` of MIXIN_ORDER over LoopBase, in Trainer's MRO order
+        chosen = [getattr(accel_hydra, name) for name in MIXIN_ORDER[:mixins]]
+        ordered = [k for k in Trainer.__mro__ if k in chosen]
+        base = trainer_dataclass(kw_only=True, eq=False)(
+            type(f"Mixins{mixins}", (*ordered, LoopBase), {})
+        )
 
     @trainer_dataclass(kw_only=True, eq=False)
-    class BenchTrainer(Trainer):
+    class BenchTrainer(base):  # type: ignore[valid-type,misc]
         def training_step(self, batch, batch_idx):
             x, y = batch
             return cross_entropy(self.model(x), y)
@@ -262,7 +303,13 @@ def run_trainer(workload: Workload, clock: StepClock, every_mixin: bool) -> None
             log_every_n_steps=LOG_EVERY,
             save_every_n_epochs=None,
         )
-        if every_mixin:
+        if mixins is not None:
+            fields = {f.name for f in dataclasses.fields(BenchTrainer)}
+            common = {k: v for k, v in common.items() if k in fields}
+            if "report_to" in fields:
+                common["report_to"] = None
+            trainer = BenchTrainer(**common, progress_bar=False)
+        elif every_mixin:
             trainer = BenchTrainer(
                 **common,
                 val_dataloader=val,
@@ -272,7 +319,7 @@ def run_trainer(workload: Workload, clock: StepClock, every_mixin: bool) -> None
                 early_stop=epochs,
             )
         else:
-            trainer = BenchTrainer(**common, report_to=None, stop_on_nan=False, progress_bar=False)
+            trainer = BenchTrainer(**common, report_to=None, progress_bar=False)
         with quietly():
             trainer.train(seed=0)
 
@@ -412,6 +459,8 @@ def worker(variant: str, workload_name: str, count_calls: bool, by_function: boo
         run_accelerate(workload, clock)
     elif variant in ("trainer", "trainer_all"):
         run_trainer(workload, clock, every_mixin=variant == "trainer_all")
+    elif variant.startswith("mixins"):
+        run_trainer(workload, clock, every_mixin=False, mixins=int(variant[len("mixins") :]))
     elif variant == "lightning":
         run_lightning(workload, clock)
     elif variant == "ignite":
@@ -506,19 +555,43 @@ def table(results: dict, variants: list[str]) -> str:
         )
         lines.append(
             f"  {'variant':<12} {'us/step':>9} {'min..max':>15} {'vs pytorch':>10} "
-            f"{'vs accelerate':>13} {'calls/step':>10}"
+            f"{'vs accelerate':>13} {'vs trainer':>10} {'calls/step':>10} {'py calls':>8}"
         )
         for variant in variants:
             row = per_variant[variant]
             spread = f"{min(row['us']):.0f}..{max(row['us']):.0f}"
             calls = row.get("calls_per_step")
             calls_text = f"{calls:.0f}" if calls is not None else "-"
+            python_calls = row.get("python_calls_per_step")
+            python_text = f"{python_calls:.0f}" if python_calls is not None else "-"
+            vs_trainer = (
+                f"{paired_ratio(per_variant, variant, 'trainer'):.3f}x"
+                if "trainer" in per_variant
+                else "-"
+            )
             lines.append(
                 f"  {variant:<12} {statistics.median(row['us']):>9.1f} {spread:>15} "
                 f"{paired_ratio(per_variant, variant, 'pytorch'):>9.3f}x "
-                f"{paired_ratio(per_variant, variant, 'accelerate'):>12.3f}x {calls_text:>10}"
+                f"{paired_ratio(per_variant, variant, 'accelerate'):>12.3f}x "
+                f"{vs_trainer:>10} {calls_text:>10} {python_text:>8}"
             )
     return "\n".join(lines)
+
+
+def mixins_line(workload: str) -> str:
+    """Calls per step of LoopBase with the first k of MIXIN_ORDER, k = 0..5: how the
+    trainer's own per-step work grows with what is composed."""
+    parts = []
+    for k in range(len(MIXIN_ORDER) + 1):
+        counted = measure(f"mixins{k}", workload, count_calls=True)
+        parts.append(
+            f"{k}: {counted['python_calls_per_step']:.0f} "
+            f"({counted['own_calls_per_step']:.0f} in accel_hydra)"
+        )
+    return (
+        f"{workload}: Python calls per step (accel_hydra's own in brackets) vs composed "
+        f"mixins ({', '.join(MIXIN_ORDER)}, added in that order)\n  " + "; ".join(parts)
+    )
 
 
 def main() -> None:
@@ -571,7 +644,8 @@ def main() -> None:
         if not args.no_calls:
             for variant in variants:
                 counted = measure(variant, workload, count_calls=True, upstream=args.upstream)
-                per_variant[variant]["calls_per_step"] = counted["calls_per_step"]
+                for key in ("calls_per_step", "python_calls_per_step"):
+                    per_variant[variant][key] = counted[key]
         results[workload] = per_variant
     print()
     print(f"{time.strftime('%Y-%m-%d')}  " + "  ".join(f"{k} {v}" for k, v in versions().items()))
@@ -580,6 +654,9 @@ def main() -> None:
         "the per-repeat ratios; torch.set_num_threads(1)"
     )
     print(table(results, variants))
+    if not args.no_calls:
+        for workload in results:
+            print(mixins_line(workload))
     if args.json:
         with open(args.json, "w") as out:
             json.dump({"versions": versions(), "results": results}, out, indent=2)

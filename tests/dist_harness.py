@@ -27,12 +27,17 @@ from tests.conftest import ToySteps, make_loader, make_model
 @dataclass(kw_only=True, eq=False)
 class DistTrainer(ToySteps, Trainer):
     kill_at: int = -1
+    #: From this update on, the loss of rank 1 alone is NaN (-1: never).
+    nan_after: int = -1
 
     def training_step(self, batch, batch_idx):
         accumulation = self.gradient_accumulation_steps
         if self.step == self.kill_at and (accumulation == 1 or batch_idx % accumulation == 1):
             os.kill(os.getpid(), signal.SIGKILL)
-        return super().training_step(batch, batch_idx)
+        loss = super().training_step(batch, batch_idx)
+        if 0 <= self.nan_after <= self.step and self.accelerator.process_index == 1:
+            loss = loss * float("nan")
+        return loss
 
 
 class RecordingStore(CheckpointStore):
@@ -101,6 +106,7 @@ def main():
     parser.add_argument("--kill-at", type=int, default=-1)
     parser.add_argument("--resume", default=None)
     parser.add_argument("--uneven", action="store_true")
+    parser.add_argument("--fused", action="store_true", help="a fused AdamW (found_inf)")
     args = parser.parse_args()
     rank = int(os.environ.get("RANK", "0"))
     seen: dict = {}
@@ -142,6 +148,17 @@ def main():
         data[:, 0] = torch.arange(37)
         seen["before_train"] = predicted(trainer, data, batch_size=4)
         seen["metrics"] = trainer.validate()
+    elif args.scenario == "nan":
+        model = make_model(dropout=0.1)
+        trainer = build(
+            args,
+            model=model,
+            optimizer=torch.optim.AdamW(model.parameters(), lr=0.01, fused=args.fused),
+            save_every_n_steps=2,
+            save_last_k=None,
+            log_every_n_steps=4,
+            nan_after=6,
+        )
     else:  # "train": plain training, with optional kill and resume
         trainer = build(
             args,
@@ -155,6 +172,13 @@ def main():
     if args.scenario == "predict":
         seen["after_train"] = predicted(trainer, data, batch_size=8)
     seen.update(step=trainer.step, epoch=trainer.epoch, stopped=trainer.should_stop_training)
+    if args.scenario == "nan":
+        params = [p.detach() for p in trainer.model.parameters()]
+        seen.update(
+            nonfinite_loss_step=trainer.nonfinite_loss_step,
+            params_finite=all(bool(torch.isfinite(p).all()) for p in params),
+            params=[p.double().sum().item() for p in params],
+        )
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"{args.scenario}_rank{rank}.json"), "w") as f:
         json.dump(seen, f)

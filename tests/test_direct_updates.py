@@ -41,7 +41,7 @@ class AcceleratedTrainer(ObservedTrainer):
 def run(cls, tmp_path, **overrides):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 1))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01, fused=overrides.pop("fused", None))
     kwargs = trainer_kwargs(
         tmp_path,
         model=model,
@@ -124,9 +124,16 @@ def test_nan_guard_skips_the_update_on_the_direct_path_too(tmp_path):
     class NaNAtBatch5Accelerated(NaNAtBatch5):
         _allow_direct_updates = False
 
-    direct = run(NaNAtBatch5, tmp_path / "d", gradient_accumulation_steps=2)
-    accelerated = run(NaNAtBatch5Accelerated, tmp_path / "a", gradient_accumulation_steps=2)
-    assert direct.step == 2 and direct.nonfinite_loss_step == 3
+    # A fused optimizer skips the bad update on the device: update 3 (batches 4 and 5)
+    # and update 4 leave the parameters as update 2 left them; the read at update 4
+    # (a logging step) stops the run on both paths.
+    direct = run(NaNAtBatch5, tmp_path / "d", gradient_accumulation_steps=2, fused=True)
+    accelerated = run(
+        NaNAtBatch5Accelerated, tmp_path / "a", gradient_accumulation_steps=2, fused=True
+    )
+    assert direct.step == accelerated.step == 4
+    assert direct.nonfinite_loss_step == accelerated.nonfinite_loss_step == 3
+    assert all(torch.isfinite(p).all() for p in direct.model.parameters())
     assert_bitwise_equal(final_state(direct)["params"], final_state(accelerated)["params"])
 
 

@@ -115,6 +115,27 @@ def test_two_process_resume_equals_uninterrupted_run(tmp_path):
     )
 
 
+@pytest.mark.parametrize(
+    "fused", [True, pytest.param(False, marks=pytest.mark.full_grid)], ids=["fused", "foreach"]
+)
+def test_a_nan_on_one_rank_stops_both_at_the_same_update(tmp_path, fused):
+    """Rank 1 alone sees a NaN loss from update 7 on; the guard reads nothing per
+    update. Both ranks notice at the next loss read (the logging step 8), name update 7,
+    and write no checkpoint after it; with a fused optimizer both skipped updates 7
+    and 8 on the device, so their parameters are finite and equal."""
+    flag = ["--fused"] if fused else []
+    run = torchrun(2, "nan", tmp_path / "out", tmp_path / "p", *flag, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rank0, rank1 = ranks(tmp_path / "out", "nan")
+    for seen in (rank0, rank1):
+        assert (seen["step"], seen["nonfinite_loss_step"], seen["stopped"]) == (8, 7, True)
+    store = CheckpointStore(str(tmp_path / "p" / "checkpoints"))
+    assert sorted(store.committed()) == ["epoch_1", "step_2", "step_4", "step_6"]
+    if fused:
+        assert rank0["params_finite"] and rank1["params_finite"]
+        assert rank0["params"] == rank1["params"]
+
+
 def test_uneven_shards_do_not_hang(tmp_path):
     """100 samples in batches of 8 on 2 processes with even_batches=False: one rank has
     7 batches, the other 6; both run 6 per epoch and finish."""

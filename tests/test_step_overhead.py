@@ -12,11 +12,21 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import accelerate
+import pytest
 import torch
 from torch import nn
 
 import accel_hydra
-from tests.conftest import ToyTrainer, make_loader, trainer_kwargs
+from accel_hydra import LoopBase
+from accel_hydra.extension_points import PER_BATCH_POINTS, overridden_points
+from accel_hydra.mixins import (
+    CheckpointMixin,
+    EarlyStoppingMixin,
+    GradClipMixin,
+    LoggingMixin,
+    LRSchedulingMixin,
+)
+from tests.conftest import ToySteps, ToyTrainer, compose, make_loader, make_model, trainer_kwargs
 
 PACKAGE_DIR = os.path.dirname(accel_hydra.__file__)
 ACCELERATE_DIR = os.path.dirname(accelerate.__file__)
@@ -103,3 +113,174 @@ def test_no_accelerate_wrapper_runs_per_batch_on_the_direct_path(tmp_path):
         return calls_in(trainer.calls, ACCELERATE_DIR, wrappers)
 
     assert accelerated("acc-long", 18) > accelerated("acc-short", 6) + 12
+
+
+# ----------------------------------------------------------- extension points per batch
+
+#: What the loop itself calls per batch on the direct path (accumulation 1): the
+#: batch generator's resumption, _train_batch, _direct_sync, _forward_backward and
+#: _apply_update. Everything else per batch is an extension point someone overrides.
+LOOP_CALLS_PER_BATCH = 5
+
+#: Calls an override makes besides ``super()``, per update, in these settings.
+OWN_CALLS = {
+    ("EarlyStoppingMixin", "_before_optimizer_step"): 1,  # NonFiniteLossGuard.before_update
+    ("LRSchedulingMixin", "_after_optimizer_step"): 1,  # _optimizer_step_was_skipped()
+}
+
+THIS_FILE = os.path.abspath(__file__)
+
+
+def required_calls(cls) -> int:
+    """The calls per batch the overridden per-batch points of ``cls`` need: each
+    override's ``super()`` chain down to LoopBase's no-op, plus their own calls."""
+    needed = LOOP_CALLS_PER_BATCH
+    for name in PER_BATCH_POINTS:
+        chain = [k for k in cls.__mro__ if name in vars(k)]
+        if chain != [LoopBase]:
+            needed += len(chain) + sum(OWN_CALLS.get((k.__name__, name), 0) for k in chain)
+    return needed
+
+
+@dataclass(kw_only=True, eq=False)
+class UserAfterUpdate(ToySteps, LoopBase):
+    """A user's own subclass overriding one extension point."""
+
+    updates_seen: int = 0
+
+    def _after_update(self):
+        super()._after_update()
+        self.updates_seen += 1
+
+
+COMPOSITIONS = {
+    "LoopBase": (compose(), {}),
+    "CheckpointMixin": (compose(CheckpointMixin), {}),
+    "EarlyStoppingMixin": (compose(EarlyStoppingMixin), {}),
+    "LRSchedulingMixin": (compose(LRSchedulingMixin), {"lr_scheduler": "linear"}),
+    "LoggingMixin": (compose(LoggingMixin), {"report_to": None, "log_every_n_steps": 1000}),
+    "GradClipMixin": (compose(GradClipMixin), {"max_grad_norm": 1.0}),
+    "Trainer": (
+        ToyTrainer,
+        {
+            "lr_scheduler": "linear",
+            "max_grad_norm": 1.0,
+            "report_to": None,
+            "log_every_n_steps": 1000,
+        },
+    ),
+    "user subclass": (UserAfterUpdate, {}),
+}
+
+
+def per_batch_calls(tmp_path, cls, settings) -> int:
+    """Python calls into accel_hydra (and this file) per batch of the second epoch,
+    exactly: the difference between epochs of 8 and 4 batches, over 4."""
+
+    def run(batches):
+        calls = Counter()
+
+        def count(frame, event, arg):
+            path = frame.f_code.co_filename
+            if event == "call" and (path.startswith(PACKAGE_DIR) or path == THIS_FILE):
+                calls["ours"] += 1
+
+        @dataclass(kw_only=True, eq=False)
+        class Counted(cls):
+            def on_train_epoch_start(self):
+                if self.epoch == 1:
+                    sys.setprofile(count)
+
+            def on_train_epoch_end(self):
+                sys.setprofile(None)
+
+        model = make_model()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+        extra = dict(settings)
+        if extra.get("lr_scheduler") == "linear":
+            extra["lr_scheduler"] = torch.optim.lr_scheduler.LinearLR(optimizer, 1.0, 0.5, 20)
+        trainer = Counted(
+            **trainer_kwargs(
+                tmp_path / f"{batches}",
+                model=model,
+                optimizer=optimizer,
+                train_dataloader=make_loader(n=8 * batches, batch_size=8),
+                val_dataloader=None,
+            ),
+            **extra,
+        )
+        trainer.train(seed=0)
+        assert trainer.direct_updates
+        return calls["ours"]
+
+    return (run(8) - run(4)) // 4
+
+
+@pytest.mark.parametrize("name", list(COMPOSITIONS))
+def test_each_batch_calls_only_the_extension_points_its_class_overrides(tmp_path, name):
+    cls, settings = COMPOSITIONS[name]
+    assert per_batch_calls(tmp_path, cls, settings) == required_calls(cls)
+
+
+def test_an_override_on_the_instance_is_called_too(tmp_path):
+    """Resolution looks at the trainer, not only its class: a hook set on the instance
+    before train() runs on every update."""
+    seen = []
+    trainer = compose()(**trainer_kwargs(tmp_path, val_dataloader=None, epochs=1))
+    trainer._after_update = lambda: seen.append(trainer.step)
+    trainer.train(seed=0)
+    assert seen == list(range(1, 13))
+
+
+def test_overridden_points_compares_functions_not_names():
+    Trainerish = compose(GradClipMixin, LRSchedulingMixin)
+    found = overridden_points(Trainerish(**trainer_kwargs("/tmp/unused")), LoopBase)
+    assert found == {"_before_optimizer_step", "_after_optimizer_step"}
+    assert overridden_points(compose()(**trainer_kwargs("/tmp/unused")), LoopBase) == set()
+
+
+# ------------------------------------------------------------------- host reads per update
+
+HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
+
+
+def count_host_reads(monkeypatch, tmp_path, batches, optimizer_kwargs) -> int:
+    """Host reads of tensors made by accel_hydra code in a default Trainer run (NaN
+    guard on, logging every 50 updates, a checkpoint per epoch, clipping)."""
+    reads = []
+    for name in HOST_READS:
+        original = getattr(torch.Tensor, name)
+
+        def counting(self, *args, _original=original, **kwargs):
+            if sys._getframe(1).f_code.co_filename.startswith(PACKAGE_DIR):
+                reads.append(1)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    model = make_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01, **optimizer_kwargs)
+    trainer = ToyTrainer(
+        **trainer_kwargs(
+            tmp_path / str(batches),
+            model=model,
+            optimizer=optimizer,
+            train_dataloader=make_loader(n=8 * batches, batch_size=8),
+        ),
+        max_grad_norm=1.0,
+        report_to=None,
+    )
+    assert trainer.stop_on_nan  # the default
+    try:
+        trainer.train(seed=0)
+    finally:
+        monkeypatch.undo()
+    return len(reads)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused"])
+def test_default_trainer_reads_nothing_from_the_device_per_update(tmp_path, monkeypatch, fused):
+    """Twice the updates, not one more host read: the NaN guard decides on the device."""
+    optimizer_kwargs = {"fused": True} if fused else {}
+    short = count_host_reads(monkeypatch, tmp_path / "short", 6, optimizer_kwargs)
+    long = count_host_reads(monkeypatch, tmp_path / "long", 18, optimizer_kwargs)
+    assert long == short

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from accel_hydra.mixins.monitoring import MetricMonitoringMixin
+from accel_hydra.nan_guard import NonFiniteLossGuard
 
 __all__ = ["EarlyStoppingMixin"]
 
@@ -15,19 +16,28 @@ __all__ = ["EarlyStoppingMixin"]
 class EarlyStoppingMixin(MetricMonitoringMixin):
     """Stop training early.
 
+    Every process takes the same decision: the metrics, the loss and the NaN flag are
+    reduced over processes before anyone looks at them.
+
     Args:
         metric_monitor: the metric whose stalling stops the run (required with
             ``early_stop``).
         early_stop: patience: stop after this many validations in a row without
             improvement. ``None`` never stops on the metric.
-        stop_on_nan: before each optimizer update, check that the loss of the batches
-            making it is finite; if not, skip the update (the parameters and optimizer
-            state stay as they were), stop, and write no checkpoint from then on. This
-            reads one flag from the device per update; set ``False`` to avoid that sync
-            when you would rather not pay for the guard.
+        stop_on_nan: stop when the training loss is NaN or infinite, and write no
+            checkpoint from then on, so the last saved checkpoint is the last good
+            one. The check costs no host-device sync: the loss is read on logging
+            steps, before every checkpoint and at epoch ends anyway, and the guard
+            notices a bad loss at the first such read (``accel_hydra.nan_guard``).
+            With an optimizer that can skip an update on the device (``fused=True``
+            Adam, AdamW, SGD, Adagrad, without fp16's grad scaler), every update from
+            the bad one on is skipped there: the parameters and optimizer state stay
+            those of the last good update. With other optimizers those updates apply
+            to the parameters in memory (never to a checkpoint) until the read.
 
-    Every process takes the same decision: the metrics, the loss and the NaN flag are
-    reduced over processes before anyone looks at them.
+    Attributes:
+        nonfinite_loss_step: the first update whose loss was NaN or infinite, once
+            the guard noticed one; else ``None``.
     """
 
     early_stop: int | None = None
@@ -45,18 +55,30 @@ class EarlyStoppingMixin(MetricMonitoringMixin):
                 )
         self.nonfinite_loss_step: int | None = None
         self.stop_reason: str | None = None
+        self._nan_guard: NonFiniteLossGuard | None = None
 
-    def _update_is_safe(self) -> bool:
-        if self.stop_on_nan and self.nonfinite_loss_step is None:
-            # One read per update: the price of never applying a NaN update. Reading the
-            # sum itself costs one op; a NaN or infinity anywhere keeps the sum non-finite.
-            total = self.pending_loss_sum
+    def _before_training(self) -> None:
+        super()._before_training()
+        if self.stop_on_nan:
+            optimizer: Any = getattr(self.optimizer, "optimizer", self.optimizer)
+            reduce = None
             if not self.single_process:
-                total = self.accelerator.reduce(total, reduction="sum")
-            if not math.isfinite(total.item()):
-                self._stop_for_nonfinite_loss(step=self.step + 1, skipped=True)
-                return False
-        return super()._update_is_safe()
+                # Every process must skip the same updates, or their parameters part.
+                def reduce(flag):
+                    return self.accelerator.reduce(flag, reduction="sum")
+
+            self._nan_guard = NonFiniteLossGuard(
+                optimizer,
+                self.accelerator.device,
+                has_scaler=self.accelerator.scaler is not None,
+                reduce_flag=reduce,
+            )
+
+    def _before_optimizer_step(self) -> None:
+        super()._before_optimizer_step()
+        guard = self._nan_guard
+        if guard is not None:
+            guard.before_update(self.pending_loss_sum)
 
     def _read_loss(self) -> float | None:
         value = super()._read_loss()
@@ -66,19 +88,38 @@ class EarlyStoppingMixin(MetricMonitoringMixin):
             and not math.isfinite(value)
             and self.nonfinite_loss_step is None
         ):
-            self._stop_for_nonfinite_loss(step=self.step, skipped=False)
+            self._stop_for_nonfinite_loss()
         return value
 
-    def _stop_for_nonfinite_loss(self, step: int, skipped: bool) -> None:
-        self.nonfinite_loss_step = step
+    def _stop_for_nonfinite_loss(self) -> None:
+        guard, step = self._nan_guard, self.step
+        bad = 0
+        if guard is not None:
+            count = guard.bad_updates
+            if not self.single_process:  # without a device skip, each counted its own
+                count = self.accelerator.gather(count[None]).max()
+            bad = int(count.item())
+        first = step - bad + 1 if bad else step
+        self.nonfinite_loss_step = first
         self.should_stop_training = True
-        self.stop_reason = f"non-finite loss at update {step}"
-        what = "that update was skipped" if skipped else "no checkpoint is written from now on"
+        self.stop_reason = f"non-finite loss at update {first}"
+        updates = f"update {first}" if first == step else f"updates {first} to {step}"
+        if guard is not None and guard.skips_on_device and bad:
+            what = f"{updates} were skipped on the device (the optimizer's found_inf)"
+        else:
+            what = f"{updates} changed the parameters in memory"
         self._say(
-            f"accel_hydra: stopping: the loss is NaN or infinite at update {step} "
-            f"(epoch {self.epoch + 1}); {what}, and the last saved checkpoint is the last "
-            "good one"
+            f"accel_hydra: stopping: the loss is NaN or infinite at update {first} "
+            f"(epoch {self.epoch + 1}); {what}; no checkpoint is written from now on, and "
+            "the last saved checkpoint is the last good one"
         )
+
+    def _after_train(self) -> None:
+        try:
+            super()._after_train()
+        finally:
+            if self._nan_guard is not None:
+                self._nan_guard.close()
 
     def _ok_to_save(self) -> bool:
         if self.stop_on_nan:

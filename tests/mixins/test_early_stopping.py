@@ -12,6 +12,7 @@ from tests.conftest import (
     ToyTrainer,
     assert_same_parameters,
     compose,
+    make_model,
     parameters_of,
     trainer_kwargs,
 )
@@ -79,20 +80,26 @@ class NaNAfter(ToyTrainer):
         return loss * math.nan if self.step >= self.nan_from_step else loss
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
+    """Update 18 is the first with a NaN loss; the guard reads nothing per update, so
+    the loop notices at the next loss read (the logging step 20), stops there and
+    writes no checkpoint from then on: step_20 is never saved."""
     trainer = NaNAfter(
         **trainer_kwargs(tmp_path, epochs=4),
         save_every_n_steps=5,
         save_last_k=2,
-        log_every_n_steps=3,
+        log_every_n_steps=4,
         nan_from_step=17,
         report_to=None,
     )
     trainer.train(seed=0)
 
     assert trainer.should_stop_training
-    assert trainer.nonfinite_loss_step == 18  # the update that was skipped
-    assert (trainer.step, trainer.epoch) == (17, 1)
+    assert trainer.nonfinite_loss_step == 18  # the first bad update, found at the read
+    assert (trainer.step, trainer.epoch) == (20, 1)
+    assert "NaN or infinite at update 18 (epoch 2); updates 18 to 20 changed" in (
+        capsys.readouterr().out
+    )
     store = CheckpointStore(trainer.checkpoint_dir)
     assert sorted(store.committed()) == ["epoch_1", "step_15"]
     state = load_trainer_state(f"{trainer.checkpoint_dir}/step_15/{TRAINER_STATE_FILE}")
@@ -103,13 +110,30 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert all(torch.isfinite(t).all() for t in weights.values())
 
 
-def test_nan_update_never_reaches_the_parameters(tmp_path):
-    """The run with a NaN at update 21 ends with exactly the state of a clean run
-    stopped after update 20."""
+def fused_sgd(model):
+    # fused=True: the optimizer takes found_inf, so the guard skips updates on the device.
+    return torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, fused=True)
+
+
+def test_nan_update_never_reaches_the_parameters(tmp_path, capsys):
+    """With an optimizer that can skip on the device, the run with a NaN at update 21
+    ends with exactly the parameters and optimizer state of a clean run stopped after
+    update 20, though the loop noticed only at the epoch's end (update 24)."""
     torch.manual_seed(0)
-    nan_run = NaNAfter(**trainer_kwargs(tmp_path / "nan", epochs=3), nan_from_step=20)
+    nan_model = make_model()
+    nan_run = NaNAfter(
+        **trainer_kwargs(
+            tmp_path / "nan", epochs=3, model=nan_model, optimizer=fused_sgd(nan_model)
+        ),
+        nan_from_step=20,
+    )
     torch.manual_seed(0)
-    clean = NaNAfter(**trainer_kwargs(tmp_path / "clean", epochs=3))
+    clean_model = make_model()
+    clean = NaNAfter(
+        **trainer_kwargs(
+            tmp_path / "clean", epochs=3, model=clean_model, optimizer=fused_sgd(clean_model)
+        ),
+    )
     clean.training_step_original = clean.training_step
 
     def stop_at_20(batch, batch_idx):
@@ -120,9 +144,10 @@ def test_nan_update_never_reaches_the_parameters(tmp_path):
 
     clean.training_step = stop_at_20
     nan_run.train(seed=0)
+    assert "updates 21 to 24 were skipped on the device" in capsys.readouterr().out
     clean.train(seed=0)
     assert nan_run.nonfinite_loss_step == 21
-    assert nan_run.step == clean.step == 20
+    assert (nan_run.step, clean.step) == (24, 20)
     assert_same_parameters(parameters_of(nan_run.model), parameters_of(clean.model))
     for a, b in zip(
         nan_run.optimizer.state_dict()["state"].values(),
@@ -132,6 +157,8 @@ def test_nan_update_never_reaches_the_parameters(tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in a)
     # Nothing was saved from the bad state: the epoch_1 checkpoint is the newest.
     assert sorted(CheckpointStore(nan_run.checkpoint_dir).committed()) == ["epoch_1"]
+    # The flag is taken back: the user's optimizer steps normally after train().
+    assert not hasattr(nan_run.optimizer.optimizer, "found_inf")
 
 
 def test_stop_on_nan_false_keeps_training(tmp_path):
