@@ -297,17 +297,20 @@ class CheckpointMixin(MetricMonitoringMixin):
         """
         accelerator, store = self.accelerator, self.checkpoint_store
         main = accelerator.is_main_process
-        tensors = self._tensors_to_save() if main else {}
-        for stem in tensors:
-            tensor_file(stem)  # a bad stem fails here, as on the synchronous path
-        state = {**self._state_to_save(), "tensor_files": sorted(tensors)} if main else None
-        snapshot = take_snapshot(
-            accelerator,
-            self._host_buffers,
-            [obj.state_dict() for obj in self.checkpoint_objects] if main else [],
-            state,
-            tensor_files=tensors,
-        )
+        # The main process alone asks for the trainer's state: a failure there must
+        # reach the others before they train on and wait in the next collective.
+        with fail_together(accelerator, f"writing checkpoint {store.display(name)}"):
+            tensors = self._tensors_to_save() if main else {}
+            for stem in tensors:
+                tensor_file(stem)  # a bad stem fails here, as on the synchronous path
+            state = {**self._state_to_save(), "tensor_files": sorted(tensors)} if main else None
+            snapshot = take_snapshot(
+                accelerator,
+                self._host_buffers,
+                [obj.state_dict() for obj in self.checkpoint_objects] if main else [],
+                state,
+                tensor_files=tensors,
+            )
         pause_for_test("snapshot", name)
         progress = UploadProgress()
         target = redact(store.display(name))
