@@ -35,6 +35,22 @@ def harness(project, result, *args):
     )
 
 
+def torchrun_harness(project, result, *args):
+    """The harness on 2 gloo processes of one machine (``torchrun --standalone``)."""
+    from tests.test_distributed import TORCHRUN
+
+    return run_module(
+        "tests.resume_harness",
+        "--project",
+        project,
+        "--result",
+        result,
+        *args,
+        env={"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"},
+        runner=(TORCHRUN, "--standalone", "--nproc_per_node", "2"),
+    )
+
+
 def assert_bitwise_equal(result_a, result_b):
     a = torch.load(result_a, weights_only=False)
     b = torch.load(result_b, weights_only=False)

@@ -18,9 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.conftest import run_module
-from tests.test_distributed import TORCHRUN
-from tests.test_resume import assert_bitwise_equal, harness
+from tests.test_resume import assert_bitwise_equal, harness, torchrun_harness
 
 # name: (harness arguments, batches per epoch, last batch index of an epoch)
 EPOCHS = {
@@ -131,17 +129,7 @@ def test_two_processes_with_uneven_shards_resume_bitwise_equal(tmp_path, at, sig
     args = [*COMMON, "--samples", 104, "--uneven", "--accumulation", 1]
 
     def torchrun(project, result, *more):
-        return run_module(
-            "tests.resume_harness",
-            "--project",
-            project,
-            "--result",
-            result,
-            *args,
-            *more,
-            env={"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"},
-            runner=(TORCHRUN, "--standalone", "--nproc_per_node", "2"),
-        )
+        return torchrun_harness(project, result, *args, *more)
 
     full = torchrun(tmp_path / "full", tmp_path / "full.pt")
     assert full.returncode == 0, full.stderr[-3000:]

@@ -314,23 +314,12 @@ def test_the_average_travels_through_an_object_store_and_is_verified(tmp_path, s
 @pytest.mark.full_grid
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
 def test_two_processes_killed_and_resumed_keep_the_same_average(tmp_path):
-    from tests.conftest import run_module
-    from tests.test_distributed import TORCHRUN
+    from tests.test_resume import torchrun_harness
 
     args = ["--ema", "--validate-with-ema", "--accumulation", "2", "--epochs", "2"]
 
     def torchrun(project, result, *more):
-        return run_module(
-            "tests.resume_harness",
-            "--project",
-            project,
-            "--result",
-            result,
-            *args,
-            *more,
-            env={"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"},
-            runner=(TORCHRUN, "--standalone", "--nproc_per_node", "2"),
-        )
+        return torchrun_harness(project, result, *args, *more)
 
     full = torchrun(tmp_path / "full", tmp_path / "full.pt")
     assert full.returncode == 0, full.stderr[-3000:]
