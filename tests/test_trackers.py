@@ -47,7 +47,10 @@ def tracker_env(tmp_path, monkeypatch):
     # wandb.init in this process (an earlier test) exports its service's address; a
     # subprocess would join that service, which still holds the killed run's id.
     monkeypatch.delenv("WANDB_SERVICE", raising=False)
-    return env
+    # A killed run leaves wandb's temporary media and artifact directories behind: in
+    # the subprocesses, temporary files go below tmp_path, not into the machine's /tmp.
+    (tmp_path / "tmp").mkdir()
+    return {**env, "TMPDIR": str(tmp_path / "tmp")}
 
 
 @dataclass(kw_only=True, eq=False)
