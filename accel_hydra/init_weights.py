@@ -17,6 +17,7 @@ import torch
 
 __all__ = [
     "WEIGHT_FILES",
+    "read_weights_file",
     "InitFromError",
     "apply_init_from",
     "is_accelerate_checkpoint",
@@ -138,16 +139,22 @@ def _read_state_dict(source: str, storage_options: dict) -> dict[str, torch.Tens
             local = os.path.join(tmp, os.path.basename(path))
             fs.get_file(path, local)
         try:
-            if local.endswith(".safetensors"):
-                from safetensors.torch import load_file
-
-                return load_file(local, device="cpu")
-            state = torch.load(local, map_location="cpu", weights_only=True)
+            state = read_weights_file(local)
         except Exception as err:
             raise InitFromError(f"init_from {source}: cannot read {path} ({err})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise InitFromError(f"init_from {source}: {path} is not a state dict of tensors")
     return state
+
+
+def read_weights_file(path: str) -> dict[str, torch.Tensor]:
+    """The tensors of a local weights file, read without running code: safetensors, or
+    a torch archive through ``weights_only=True``. Errors are the readers' own."""
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path, device="cpu")
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _is_local(fs: Any) -> bool:

@@ -23,7 +23,16 @@ from tests.conftest import run_module
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def harness(project, result, *args):
+def harness(project, result, *args, processes=1):
+    """Run tests.resume_harness; ``processes=2``: on 2 gloo processes of one machine
+    (``torchrun --standalone``)."""
+    env = {"ACCELERATE_USE_CPU": "true"}
+    runner = (sys.executable,)
+    if processes > 1:
+        from tests.test_distributed import TORCHRUN
+
+        env["OMP_NUM_THREADS"] = "1"
+        runner = (TORCHRUN, "--standalone", "--nproc_per_node", str(processes))
     return run_module(
         "tests.resume_harness",
         "--project",
@@ -31,24 +40,13 @@ def harness(project, result, *args):
         "--result",
         result,
         *args,
-        env={"ACCELERATE_USE_CPU": "true"},
+        env=env,
+        runner=runner,
     )
 
 
 def torchrun_harness(project, result, *args):
-    """The harness on 2 gloo processes of one machine (``torchrun --standalone``)."""
-    from tests.test_distributed import TORCHRUN
-
-    return run_module(
-        "tests.resume_harness",
-        "--project",
-        project,
-        "--result",
-        result,
-        *args,
-        env={"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"},
-        runner=(TORCHRUN, "--standalone", "--nproc_per_node", "2"),
-    )
+    return harness(project, result, *args, processes=2)
 
 
 def assert_bitwise_equal(result_a, result_b):

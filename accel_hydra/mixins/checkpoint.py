@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import safetensors.torch
-import torch
 from accelerate.utils import broadcast_object_list, gather_object
 
 from accel_hydra.distributed import DistributedStepError, fail_together
@@ -25,7 +24,7 @@ from accel_hydra.host_snapshot import (
     take_snapshot,
     write_snapshot,
 )
-from accel_hydra.init_weights import WEIGHT_FILES
+from accel_hydra.init_weights import WEIGHT_FILES, read_weights_file
 from accel_hydra.mixins.monitoring import MetricMonitoringMixin
 from accel_hydra.preemption import PreemptionGuard, TrainingInterrupted
 from accel_hydra.redaction import redact
@@ -972,11 +971,7 @@ def _read_model_weights(local_dir: str, label: str) -> dict[str, Any]:
         if not os.path.exists(path):
             continue
         try:
-            if filename.endswith(".safetensors"):
-                from safetensors.torch import load_file
-
-                return load_file(path, device="cpu")
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return read_weights_file(path)
         except Exception as err:
             raise CheckpointCorruptError(
                 f"checkpoint {label}: cannot read {filename} ({type(err).__name__}: {err})"
