@@ -100,17 +100,12 @@ def start_moto() -> tuple[subprocess.Popen, int]:
     raise RuntimeError("moto's server did not start; is moto[server] installed?")
 
 
-def run(args, project_dir, checkpoint_dir, storage_options=None, async_upload=True):
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Linear(64, args.width), nn.ReLU(), nn.Linear(args.width, args.width),
-        nn.ReLU(), nn.Linear(args.width, 1),
-    )  # fmt: skip
-    data = TensorDataset(torch.randn(args.batches * 32, 64), torch.randn(args.batches * 32, 1))
-    trainer = StallTrainer(
+def stall_trainer(model, lr, loader, args, project_dir, checkpoint_dir, storage_options, **extra):
+    """A one-epoch StallTrainer saving every ``args.save_every`` updates, AdamW at ``lr``."""
+    return StallTrainer(
         model=model,
-        optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3),
-        train_dataloader=DataLoader(data, batch_size=32, shuffle=True),
+        optimizer=torch.optim.AdamW(model.parameters(), lr=lr),
+        train_dataloader=loader,
         epochs=1,
         project_dir=project_dir,
         progress_bar=False,
@@ -119,9 +114,21 @@ def run(args, project_dir, checkpoint_dir, storage_options=None, async_upload=Tr
         storage_options=storage_options,
         save_every_n_steps=args.save_every,
         save_every_n_epochs=None,
-        save_last_k=2,
-        async_upload=async_upload,
+        **extra,
     )
+
+
+def run(args, project_dir, checkpoint_dir, storage_options=None, async_upload=True):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(64, args.width), nn.ReLU(), nn.Linear(args.width, args.width),
+        nn.ReLU(), nn.Linear(args.width, 1),
+    )  # fmt: skip
+    data = TensorDataset(torch.randn(args.batches * 32, 64), torch.randn(args.batches * 32, 1))
+    trainer = stall_trainer(
+        model, 1e-3, DataLoader(data, batch_size=32, shuffle=True), args, project_dir,
+        checkpoint_dir, storage_options, save_last_k=2, async_upload=async_upload,
+    )  # fmt: skip
     trainer.checkpoint_store = TimedStore(checkpoint_dir, storage_options)
     start = time.perf_counter()
     trainer.train(seed=0)
@@ -213,22 +220,10 @@ def sized_run(size, args, project_dir, checkpoint_dir, storage_options=None, asy
     model = stacked_model(size)
     n = args.batches * 8
     data = TensorDataset(torch.randn(n, _WIDTH), torch.randn(n, _WIDTH))
-    trainer = StallTrainer(
-        model=model,
-        optimizer=torch.optim.AdamW(model.parameters(), lr=1e-4),
-        train_dataloader=DataLoader(data, batch_size=8, shuffle=True),
-        epochs=1,
-        project_dir=project_dir,
-        progress_bar=False,
-        report_to=None,
-        checkpoint_dir=checkpoint_dir,
-        storage_options=storage_options,
-        save_every_n_steps=args.save_every,
-        save_every_n_epochs=None,
-        save_last_k=1,
-        async_save=async_save,
-        settle=True,
-    )
+    trainer = stall_trainer(
+        model, 1e-4, DataLoader(data, batch_size=8, shuffle=True), args, project_dir,
+        checkpoint_dir, storage_options, save_last_k=1, async_save=async_save, settle=True,
+    )  # fmt: skip
     trainer.train(seed=0)
     return trainer
 
