@@ -9,9 +9,10 @@ so nothing here unpickles freely:
 - the files that hold tensors (optimizer, RNG states, ``checkpoint_objects``) are read
   with ``torch.load(weights_only=True)``, whose unpickler only rebuilds tensors,
   containers and numbers, and refuses every other type by name;
-- before Accelerate loads its own files, each pickle-capable one is checked the same
-  way (memory-mapped, so its tensors are not read twice), whatever Accelerate's
-  version does.
+- Accelerate's own files are read the same way: by this package itself where it
+  reads Accelerate's layout (:mod:`accel_hydra.checkpoint_reading`: the load is the
+  check), or, where Accelerate loads them, checked first (memory-mapped, so their
+  tensors are not read twice), whatever Accelerate's version does.
 
 A type the safe loader refuses inside a user object's state is allowed the way torch
 documents it, :func:`torch.serialization.add_safe_globals`, one type at a time; there
@@ -36,6 +37,7 @@ __all__ = [
     "UnsafeCheckpointError",
     "check_code_free",
     "check_stage_complete",
+    "load_code_free",
     "load_object_state",
     "load_trainer_state",
     "pickle_capable_files",
@@ -232,6 +234,18 @@ def check_code_free(path: str) -> None:
     _safe_torch_load(path, mmap=True)
 
 
+def load_code_free(path: str, map_location: Any = "cpu") -> Any:
+    """Load a torch archive with the safe unpickler: the load and the code check in one.
+
+    Where this package loads a pickle-capable file itself, the load is its check: the
+    restricted unpickler refuses a forbidden type before building anything from it.
+
+    Raises:
+        UnsafeCheckpointError: as :func:`check_code_free`.
+    """
+    return _safe_torch_load(path, mmap=False, map_location=map_location)
+
+
 def check_stage_complete(directory: str) -> None:
     """Check every torch archive of a freshly written stage ends with its zip directory.
 
@@ -251,18 +265,31 @@ def check_stage_complete(directory: str) -> None:
             )
 
 
-def _safe_torch_load(path: str, mmap: bool) -> Any:
+def _safe_torch_load(path: str, mmap: bool, map_location: Any = "cpu") -> Any:
+    if mmap:
+        _check_torch_archive(path, path)
+        return _restricted_load(path, path, map_location, mmap=True)
+    with open(path, "rb") as f:  # one open for the format check and the load
+        _check_torch_archive(f, path)
+        f.seek(0)
+        return _restricted_load(f, path, map_location, mmap=False)
+
+
+def _check_torch_archive(source: Any, path: str) -> None:
     # torch.save writes zip archives; a bare pickle stream is only ever a forgery here,
     # and torch's legacy reader for it is the least reviewed path: never reach it.
-    if not zipfile.is_zipfile(path):
+    if not zipfile.is_zipfile(source):
         raise UnsafeCheckpointError(
             f"{os.path.basename(path)} is not a torch archive: refusing to unpickle it",
             path,
             None,
         )
+
+
+def _restricted_load(source: Any, path: str, map_location: Any, mmap: bool) -> Any:
     try:
         with _accelerate_safe_globals():
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            return torch.load(source, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         match = _REFUSED_GLOBAL.search(str(err))
         refused = match.group(1) if match else None

@@ -491,7 +491,9 @@ class CheckpointStore:
         else:
             self._check_remote_sizes(name, files)
 
-    def fetch(self, name: str, cache_dir: str | None = None, download: bool = True) -> str:
+    def fetch(
+        self, name: str, cache_dir: str | None = None, download: bool = True, verify: bool = True
+    ) -> str:
         """A local directory holding checkpoint ``name``, verified, downloading it if remote.
 
         Every file the marker lists is checked against its size and checksum before
@@ -505,6 +507,9 @@ class CheckpointStore:
             download: False only checks the marker and returns where the checkpoint
                 will be, for processes that share a machine with the one that
                 downloads (and verifies) it.
+            verify: False leaves the checksums to :meth:`verify_fetched` (sizes of a
+                remote checkpoint are still checked before it is downloaded), so a
+                resume can compute them while it parses the files.
 
         Raises:
             CheckpointNotFoundError: the checkpoint is missing or has no commit marker.
@@ -513,7 +518,7 @@ class CheckpointStore:
         """
         files = self._committed_files(name)
         if self.is_local:
-            if download:
+            if download and verify:
                 self._check_files(name, self.path(name), files)
             return self.path(name)
         key = hashlib.sha1(self.url.encode()).hexdigest()[:16]
@@ -536,8 +541,19 @@ class CheckpointStore:
                 )
             os.makedirs(os.path.dirname(destination), exist_ok=True)
         self.fs.get([f"{self.path(name)}/{rel}" for rel in names], destinations)
-        self._check_files(name, local, files)
+        if verify:
+            self._check_files(name, local, files)
         return local
+
+    def verify_fetched(self, name: str, local_dir: str) -> None:
+        """Check the files of committed checkpoint ``name`` in ``local_dir`` against its
+        marker: every listed file there, a regular file of the recorded size and checksum.
+
+        Raises:
+            CheckpointNotFoundError: the checkpoint has no commit marker (any more).
+            CheckpointCorruptError: (``damaged=True``) a file is missing or differs.
+        """
+        self._check_files(name, local_dir, self._committed_files(name))
 
     # -- integrity -------------------------------------------------------------------
 

@@ -10,12 +10,19 @@ import signal
 import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import safetensors.torch
 from accelerate.utils import broadcast_object_list, gather_object
 
+from accel_hydra.checkpoint_reading import (
+    ReadCheckpoint,
+    apply_checkpoint,
+    read_checkpoint,
+    reads_exactly,
+)
 from accel_hydra.distributed import DistributedStepError, fail_together
 from accel_hydra.host_snapshot import (
     HostBuffers,
@@ -727,8 +734,25 @@ class CheckpointMixin(MetricMonitoringMixin):
                 super()._after_train()
 
     def _restore_from(self, store: CheckpointStore, name: str) -> None:
-        local = self._fetch_verified(store, name)
-        self.load_checkpoint(local, label=store.display(name))
+        """Resume from checkpoint ``name``: its checksums are computed while its files
+        are parsed, and nothing is loaded into the run until every one matched."""
+        label = store.display(name)
+        local = self._fetch_verified(store, name, verify=False)
+        with ThreadPoolExecutor(1, thread_name_prefix="accel_hydra verify") as pool:
+            verifying = None
+            if self.accelerator.is_local_main_process:  # its machine's processes share it
+                verifying = pool.submit(store.verify_fetched, name, local)
+            reading: _Reading | None = None
+            failure: BaseException | None = None
+            try:
+                reading = self._read_checkpoint(local, label)
+            except Exception as err:
+                failure = err
+            if verifying is not None and verifying.exception() is not None:
+                failure = verifying.exception()  # damage explains a parse error too
+        self._agree_on_failure(failure)
+        assert reading is not None
+        self._apply_checkpoint(local, label, reading)
         if store.url == self.checkpoint_store.url:
             self.resumed_from = name
         self._last_saved = self._progress()
@@ -737,29 +761,46 @@ class CheckpointMixin(MetricMonitoringMixin):
             f"(epoch {self.epoch}, step {self.step}, batch {self.progress.batch})"
         )
 
-    def _fetch_verified(self, store: CheckpointStore, name: str) -> str:
+    def _fetch_verified(self, store: CheckpointStore, name: str, verify: bool = True) -> str:
         """Fetch and verify checkpoint ``name`` once per machine; every process agrees.
 
-        One process per machine downloads (remote) and checks every file's checksum;
-        its machine's other processes read the same directory. A failure anywhere is
-        raised on every process, so they all skip the same checkpoint together.
+        One process per machine downloads (remote) and checks every file's checksum
+        (unless ``verify`` is False: the caller does it); its machine's other
+        processes read the same directory. A failure anywhere is raised on every
+        process, so they all skip the same checkpoint together.
         """
-        accelerator = self.accelerator
         failure = None
         try:
-            local = store.fetch(name, download=accelerator.is_local_main_process)
+            local = store.fetch(
+                name, download=self.accelerator.is_local_main_process, verify=verify
+            )
         except (CheckpointNotFoundError, CheckpointCorruptError) as err:
-            failure = (type(err).__name__, str(err), getattr(err, "damaged", False))
-        if accelerator.num_processes > 1:
-            failures = [f for f in gather_object([failure]) if f is not None]
-            failure = failures[0] if failures else None
-        accelerator.wait_for_everyone()
-        if failure is not None:
-            kind, message, damaged = failure
-            if kind == CheckpointNotFoundError.__name__:
-                raise CheckpointNotFoundError(message)
-            raise CheckpointCorruptError(message, damaged=damaged)
+            failure = err
+        self._agree_on_failure(failure)
         return local
+
+    def _agree_on_failure(self, failure: BaseException | None) -> None:
+        """Raise the same error on every process if any process had one.
+
+        Processes that go on must all go on: one that raised alone would leave the
+        others waiting in a collective. A damaged checkpoint's error wins over the
+        rest, so every process sets the same checkpoint aside; the process that had
+        the error raises its own, the others one of the same kind and message.
+        """
+        accelerator = self.accelerator
+        if accelerator.num_processes == 1:
+            if failure is not None:
+                raise failure
+            return
+        mine = None if failure is None else _describe_failure(failure)
+        failures = [f for f in gather_object([mine]) if f is not None]
+        accelerator.wait_for_everyone()
+        if not failures:
+            return
+        chosen = next((f for f in failures if f[2]), failures[0])
+        if failure is not None and mine == chosen:
+            raise failure
+        raise _failure_like(chosen) from failure
 
     def _resolve_resume_target(self, target: str) -> tuple[CheckpointStore, str | None]:
         if target == "latest":
@@ -821,17 +862,48 @@ class CheckpointMixin(MetricMonitoringMixin):
                 a schedule sized for another number of updates).
         """
         label = label or local_dir
+        self._apply_checkpoint(local_dir, label, self._read_checkpoint(local_dir, label))
+
+    def _read_checkpoint(self, local_dir: str, label: str) -> _Reading:
+        """Parse what can be parsed of a checkpoint without changing the run.
+
+        The trainer state is read and checked against this run's setup, and, where
+        the loop reads Accelerate's layout itself, every pickle-capable file is
+        loaded once with the safe unpickler (the load is its code check). Elsewhere
+        each is only checked, and ``load_state`` loads it later.
+        """
         state = self._read_trainer_state(local_dir, label)
         # A checkpoint of another setup fails here in one line, before any state changes.
         self._check_resumable(state, label)
-        self._refuse_code(local_dir, label)
+        accelerator = self.accelerator
         # A GPU process holding its state whole loads it straight onto its device, not
         # through host memory first (Accelerate does so already for several GPUs).
-        accelerator = self.accelerator
         on_gpu = accelerator.device.type == "cuda" and snapshot_is_exact(accelerator) is None
-        where = {"map_location": "on_device"} if on_gpu else {}
+        read = None
+        if reads_exactly(accelerator, local_dir) is None:
+            try:
+                read = read_checkpoint(accelerator, local_dir, on_device=on_gpu)
+            except UnsafeCheckpointError as err:
+                raise CheckpointCorruptError(
+                    f"checkpoint {label} is refused: {err}", damaged=True
+                ) from err
+            except Exception as err:
+                raise CheckpointCorruptError(
+                    f"checkpoint {label} could not be loaded: {type(err).__name__}: {err}"
+                ) from err
+        self._refuse_code(local_dir, label, read.files if read is not None else set())
+        return _Reading(state=state, read=read, on_gpu=on_gpu)
+
+    def _apply_checkpoint(self, local_dir: str, label: str, reading: _Reading) -> None:
+        """Load a parsed checkpoint into the run: weights, optimizer, RNG, the rest."""
+        accelerator = self.accelerator
+        where = {"map_location": "on_device"} if reading.on_gpu else {}
+        state = reading.state
         try:
-            accelerator.load_state(local_dir, **where)
+            if reading.read is not None:
+                apply_checkpoint(accelerator, reading.read)
+            else:
+                accelerator.load_state(local_dir, **where)
         except Exception as err:
             mismatch = describe_mismatch(err)
             if mismatch:  # the files are fine: another checkpoint would not fit either
@@ -862,12 +934,15 @@ class CheckpointMixin(MetricMonitoringMixin):
                 f"checkpoint {label} is damaged: {err}", damaged=True
             ) from err
 
-    def _refuse_code(self, local_dir: str, label: str) -> None:
-        """Check every pickle-capable file loads without running code, before any loads."""
+    def _refuse_code(self, local_dir: str, label: str, read: set[str]) -> None:
+        """Check every pickle-capable file loads without running code, before any loads.
+
+        ``read`` names the files already loaded with the safe unpickler.
+        """
         own = {_LEGACY_TRAINER_STATE_FILE}
         own.update(object_state_file(i) for i in range(len(self.checkpoint_objects)))
         for path in pickle_capable_files(local_dir):
-            if os.path.basename(path) in own:
+            if os.path.basename(path) in own or os.path.relpath(path, local_dir) in read:
                 continue  # read by the safe loader itself, with a better message
             try:
                 check_code_free(path)
@@ -952,6 +1027,40 @@ class CheckpointMixin(MetricMonitoringMixin):
         if self.best_checkpoint:
             lines.append(("best checkpoint", self.best_checkpoint))
         return lines
+
+
+@dataclass
+class _Reading:
+    """A checkpoint parsed by :meth:`CheckpointMixin._read_checkpoint`, not yet loaded."""
+
+    state: dict[str, Any]
+    read: ReadCheckpoint | None  # None: accelerator.load_state reads Accelerate's files
+    on_gpu: bool
+
+
+_FAILURE_KINDS: dict[str, type[BaseException]] = {
+    kind.__name__: kind
+    for kind in (
+        CheckpointCorruptError,
+        CheckpointNotFoundError,
+        CheckpointMismatchError,
+        FileNotFoundError,
+        ValueError,
+    )
+}
+
+
+def _describe_failure(failure: BaseException) -> tuple[str, str, bool]:
+    """What another process needs to raise the same error: kind, message, damaged."""
+    kind = type(failure).__name__ if type(failure).__name__ in _FAILURE_KINDS else "RuntimeError"
+    return kind, str(failure), bool(getattr(failure, "damaged", False))
+
+
+def _failure_like(described: tuple[str, str, bool]) -> BaseException:
+    kind, message, damaged = described
+    if kind == CheckpointCorruptError.__name__:
+        return CheckpointCorruptError(message, damaged=damaged)
+    return _FAILURE_KINDS.get(kind, RuntimeError)(message)
 
 
 def _committed_names(store: CheckpointStore) -> str:
