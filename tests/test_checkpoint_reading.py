@@ -189,3 +189,37 @@ def test_a_damaged_checkpoint_changes_nothing_in_the_run(tmp_path):
     for name, value in parameters_of(resumed.model).items():
         assert torch.equal(value, initial[name]), f"{name} changed by a refused checkpoint"
     assert not resumed.optimizer.state_dict()["state"], "optimizer state loaded"
+
+
+@pytest.mark.single_env
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
+def test_two_processes_skip_a_checkpoint_damaged_in_one_process_file_together(tmp_path):
+    """Process 0 checks the checksums while each process parses its own RNG file: a
+    damaged ``random_states_1.pkl`` must make both skip the checkpoint, not one."""
+    from tests.test_resume import assert_bitwise_equal, torchrun_harness
+
+    args = ["--epochs", 2, "--save-every", 2]
+    full = torchrun_harness(tmp_path / "full", tmp_path / "full.pt", *args)
+    assert full.returncode == 0, full.stderr[-3000:]
+    stopped = torchrun_harness(
+        tmp_path / "run", tmp_path / "unused.pt", *args, "--signal-at", "train:1:3"
+    )
+    assert stopped.returncode != 0
+    checkpoints = tmp_path / "run" / "checkpoints"
+    newest = max(
+        (p for p in checkpoints.iterdir() if p.name.startswith("step_")),
+        key=lambda p: int(p.name.split("_")[1]),
+    )
+    path = newest / "random_states_1.pkl"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+    resumed = torchrun_harness(
+        tmp_path / "run", tmp_path / "result.pt", *args, "--resume", "latest"
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"skipping {newest.name}: " in resumed.stdout
+    assert "random_states_1.pkl does not match its checksum" in resumed.stdout
+    assert "resumed from" in resumed.stdout
+    assert_bitwise_equal(tmp_path / "result.pt", tmp_path / "full.pt")
