@@ -45,15 +45,17 @@ def checksum_file(path: str) -> tuple[int, str]:
     return size, digest.hexdigest()
 
 
-def checksum_files(paths: dict[str, str]) -> dict[str, dict[str, object]]:
+def checksum_files(
+    paths: dict[str, str], max_threads: int | None = None
+) -> dict[str, dict[str, object]]:
     """``{"size", "hash"}`` of many files at once: name -> local path in, name -> record out.
 
-    Large checkpoints are hashed on up to one thread per CPU, so their few large
-    files (weights, optimizer state) take the time of the largest; small ones on this
-    thread, where starting threads would cost more than it saves.
+    Large checkpoints are hashed on up to one thread per CPU (or ``max_threads``), so
+    their few large files (weights, optimizer state) take the time of the largest;
+    small ones on this thread, where starting threads would cost more than it saves.
     """
     names = sorted(paths)
-    workers = max(1, min(len(paths), os.cpu_count() or 1, 8))
+    workers = max(1, min(len(paths), os.cpu_count() or 1, 8, max_threads or 8))
     if workers == 1 or sum(os.path.getsize(paths[name]) for name in names) < _THREADS_FROM:
         results = [checksum_file(paths[name]) for name in names]
     else:

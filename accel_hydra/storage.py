@@ -549,11 +549,14 @@ class CheckpointStore:
         """Check the files of committed checkpoint ``name`` in ``local_dir`` against its
         marker: every listed file there, a regular file of the recorded size and checksum.
 
+        It runs beside the resume's parsing of the same files, so it keeps to one
+        thread: the other core is the parser's.
+
         Raises:
             CheckpointNotFoundError: the checkpoint has no commit marker (any more).
             CheckpointCorruptError: (``damaged=True``) a file is missing or differs.
         """
-        self._check_files(name, local_dir, self._committed_files(name))
+        self._check_files(name, local_dir, self._committed_files(name), max_threads=1)
 
     # -- integrity -------------------------------------------------------------------
 
@@ -583,7 +586,13 @@ class CheckpointStore:
             )
         return info["files"]
 
-    def _check_files(self, name: str, local_dir: str, files: dict[str, dict[str, Any]]) -> None:
+    def _check_files(
+        self,
+        name: str,
+        local_dir: str,
+        files: dict[str, dict[str, Any]],
+        max_threads: int | None = None,
+    ) -> None:
         """Compare the local copies of ``files`` with their records: sizes, then checksums."""
         paths = {rel: os.path.join(local_dir, *rel.split("/")) for rel in files}
         for rel in sorted(files):
@@ -596,7 +605,7 @@ class CheckpointStore:
             if stat.st_size != files[rel]["size"]:
                 self._damaged(name, f"{rel} has {stat.st_size} bytes, not {files[rel]['size']}")
         hashed = {rel: path for rel, path in paths.items() if files[rel]["hash"] is not None}
-        found = checksum_files(hashed)
+        found = checksum_files(hashed, max_threads)
         for rel in sorted(hashed):
             if found[rel] != files[rel]:
                 self._damaged(
