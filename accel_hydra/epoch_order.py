@@ -58,6 +58,8 @@ class BlockRandomSampler(SeedableRandomSampler):
         1
     """
 
+    generator: torch.Generator | None
+
     def __iter__(self) -> Iterator[int]:
         return itertools.chain.from_iterable(self._blocks())
 
@@ -73,13 +75,18 @@ class BlockRandomSampler(SeedableRandomSampler):
         total = self.num_samples
         if self.replacement:
             full_chunks, last = divmod(total, _REPLACEMENT_CHUNK)
-            chunks = [_REPLACEMENT_CHUNK] * full_chunks + [last]
-            for start in range(0, len(chunks), _CHUNKS_PER_BLOCK):
+            for start in range(0, full_chunks, _CHUNKS_PER_BLOCK):
                 draws = [
-                    torch.randint(high=n, size=(size,), dtype=torch.int64, generator=generator)
-                    for size in chunks[start : start + _CHUNKS_PER_BLOCK]
+                    torch.randint(
+                        high=n, size=(_REPLACEMENT_CHUNK,), dtype=torch.int64, generator=generator
+                    )
+                    for _ in range(min(_CHUNKS_PER_BLOCK, full_chunks - start))
                 ]
                 yield torch.cat(draws).tolist()
+            # Drawn even when empty, as the original does.
+            yield torch.randint(
+                high=n, size=(last,), dtype=torch.int64, generator=generator
+            ).tolist()
         else:
             for _ in range(total // n):
                 yield torch.randperm(n, generator=generator).tolist()
@@ -117,7 +124,7 @@ def use_block_order(dataloader: Any) -> bool:
     if not _orders_match():
         return False
     replacement = BlockRandomSampler.__new__(BlockRandomSampler)
-    vars(replacement).update(vars(sampler))
+    replacement.__dict__.update(vars(sampler))
     set_sampler(replacement)
     if get_sampler() is not replacement:  # an Accelerate that stores it elsewhere
         set_sampler(sampler)
