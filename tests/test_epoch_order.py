@@ -166,17 +166,34 @@ def test_a_shuffled_run_trains_bitwise_like_one_with_accelerates_sampler(tmp_pat
         assert torch.equal(tensor, original_parameters[name]), name
 
 
-def test_a_mid_epoch_checkpoint_of_the_old_sampler_resumes_bitwise_with_the_new(tmp_path):
+OLD = ("--seedable-sampler",)
+
+
+@pytest.mark.parametrize(
+    ("killed_with", "resumed_with", "accumulation"),
+    [
+        pytest.param(OLD, (), 1, id="old-to-new"),
+        pytest.param((), OLD, 3, id="new-to-old-accumulating", marks=pytest.mark.full_grid),
+    ],
+)
+def test_a_mid_epoch_checkpoint_resumes_bitwise_across_the_samplers(
+    tmp_path, killed_with, resumed_with, accumulation
+):
+    """A checkpoint written with Accelerate's sampler (every checkpoint before this
+    change) resumes with the new one as if never stopped; the full grid also runs the
+    way back, with gradient accumulation."""
     reference, run = tmp_path / "reference", tmp_path / "run"
     reference.mkdir()
     run.mkdir()
-    done = harness(reference, reference / "result.pt", "--seedable-sampler")
+    common = ("--accumulation", accumulation)
+    done = harness(reference, reference / "result.pt", *common, *OLD)
     assert done.returncode == 0, done.stderr[-3000:]
+    at = 17 if accumulation == 1 else 7  # mid-epoch, past a step checkpoint
     killed = harness(
-        run, run / "unused.pt", "--seedable-sampler", "--kill", "mid_epoch", "--at", 17
+        run, run / "unused.pt", *common, *killed_with, "--kill", "mid_epoch", "--at", at
     )
     assert killed.returncode == -signal.SIGKILL
-    resumed = harness(run, run / "result.pt", "--resume", "latest")
+    resumed = harness(run, run / "result.pt", *common, *resumed_with, "--resume", "latest")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout
     assert_bitwise_equal(run / "result.pt", reference / "result.pt")
