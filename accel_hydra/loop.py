@@ -93,6 +93,7 @@ from accel_hydra.distributed import (
     note_exit_status,
     process_group_exists,
 )
+from accel_hydra.epoch_order import use_block_order
 from accel_hydra.evaluation import concatenate_outputs, outputs_to_cpu, prepare_eval_loader
 from accel_hydra.extension_points import PER_BATCH_POINTS, overridden_points
 from accel_hydra.init_weights import apply_init_from
@@ -192,6 +193,10 @@ class LoopBase(ABC):
     #: provably change nothing (see ``accel_hydra.direct_updates``); set ``False`` in a
     #: subclass to always go through Accelerate.
     _allow_direct_updates: ClassVar[bool] = True
+    #: Whether the train loader's shuffling sampler is swapped for one that yields the
+    #: same order without a Python frame per sample (see ``accel_hydra.epoch_order``);
+    #: set ``False`` in a subclass to keep Accelerate's ``SeedableRandomSampler``.
+    _block_epoch_order: ClassVar[bool] = True
 
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer | OptimizerFactory
@@ -615,6 +620,8 @@ class LoopBase(ABC):
             prepared.append(self.val_dataloader)
         prepared = self.accelerator.prepare(*prepared)
         self.model, self.optimizer, self.train_dataloader = prepared[:3]
+        if self._block_epoch_order:
+            use_block_order(self.train_dataloader)
         if self.val_dataloader is not None:
             self.val_dataloader = prepared[3]
         self.single_process = self.accelerator.num_processes == 1

@@ -35,6 +35,8 @@ just before the checkpoint ``step_N`` is saved, so its upload meets a stalled en
 ``--ema`` adds :class:`~accel_hydra.EMAMixin` (``--validate-with-ema`` validates with
 it) and saves the averaged weights in ``--result`` too; ``--compile BACKEND`` compiles
 the model with that ``torch.compile`` backend.
+``--seedable-sampler`` keeps Accelerate's ``SeedableRandomSampler`` (how runs
+shuffled before :mod:`accel_hydra.epoch_order`).
 ``--sync-save`` saves on the training thread (``async_save=False``); the environment
 variable ``ACCEL_HYDRA_PAUSE_SAVE`` pauses a background save at a phase
 (:mod:`accel_hydra.host_snapshot`).
@@ -175,7 +177,14 @@ def main(argv=None):
     parser.add_argument("--validate-with-ema", action="store_true")
     parser.add_argument("--compile", default=None, help="a torch.compile backend")
     parser.add_argument("--sync-save", action="store_true", help="async_save=False")
+    parser.add_argument(
+        "--seedable-sampler",
+        action="store_true",
+        help="keep Accelerate's SeedableRandomSampler (no accel_hydra.epoch_order)",
+    )
     args = parser.parse_args(argv)
+    if args.seedable_sampler:
+        KillableTrainer._block_epoch_order = False
     if args.retry_delays is not None:
         delays = tuple(float(d) for d in args.retry_delays.split(",") if d)
         KillableTrainer.upload_retry_delays = delays

@@ -115,6 +115,25 @@ def test_no_accelerate_wrapper_runs_per_batch_on_the_direct_path(tmp_path):
     assert accelerated("acc-long", 18) > accelerated("acc-short", 6) + 12
 
 
+#: Where a shuffled train loader's per-sample frames were: Accelerate's seedable sampler
+#: (a generator around torch's) and torch's ``RandomSampler``.
+SAMPLER_FILES = (os.path.join(ACCELERATE_DIR, "data_loader.py"), torch.utils.data.sampler.__file__)
+
+
+def test_a_shuffled_train_loader_costs_no_python_frame_per_sample(tmp_path):
+    def sampling_calls(batch_size):
+        loader = make_loader(n=6 * batch_size, batch_size=batch_size, shuffle=True)
+        calls = count_calls(
+            tmp_path / str(batch_size), layers=1, batches=6, train_dataloader=loader
+        )
+        return sum(calls[path] for path in SAMPLER_FILES)
+
+    small, large = sampling_calls(16), sampling_calls(64)
+    assert small > 0  # the counter sees the dataloader's per-batch frames
+    # Four times the samples per batch, not one more call into the samplers.
+    assert large == small
+
+
 # ----------------------------------------------------------- extension points per batch
 
 #: What the loop itself calls per batch on the direct path (accumulation 1): the
