@@ -46,7 +46,13 @@ from safetensors.torch import load_model as load_safetensors_model
 from accel_hydra.host_snapshot import snapshot_is_exact
 from accel_hydra.safe_state import load_code_free
 
-__all__ = ["ReadCheckpoint", "apply_checkpoint", "read_checkpoint", "reads_exactly"]
+__all__ = [
+    "ReadCheckpoint",
+    "apply_checkpoint",
+    "load_location",
+    "read_checkpoint",
+    "reads_exactly",
+]
 
 _CUSTOM_CHECKPOINT = re.compile(r"^custom_checkpoint_\d+\.pkl$")
 
