@@ -261,7 +261,7 @@ class LoggingMixin(LoopBase):
         """
         if self._writer is None:
             return
-        self._writer.flush()
+        flush_event_files(self._writer)
         if self._log_fs is not None:
             self._upload_logs()
 
@@ -337,3 +337,25 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)) or type(value).__name__ == "ListConfig":
         return [_plain(v) for v in value]
     return value
+
+
+def flush_event_files(writer: Any) -> None:
+    """Write every event logged so far to disk, then flush: what ``flush()`` promises.
+
+    tensorboardX (2.6) hands events to a worker thread through a queue, and its
+    ``flush()`` only flushes what that thread has already written: an event logged
+    just before a checkpoint could still be in the queue, and a run killed later lost
+    it although the checkpoint after it was committed (the resumed run then starts
+    logging after it). Stopping the worker first drains the queue in order (the stop
+    signal travels behind every event); a new worker then takes over the same file.
+    A tensorboardX built another way gets its own ``flush()``.
+    """
+    for file_writer in (getattr(writer, "all_writers", None) or {}).values():
+        events = getattr(file_writer, "event_writer", None)
+        worker = getattr(events, "_worker", None)
+        if worker is None or getattr(events, "_closed", True) or not hasattr(worker, "stop"):
+            continue
+        worker.stop()
+        events._worker = type(worker)(events._event_queue, events._ev_writer, events._flush_secs)
+        events._worker.start()
+    writer.flush()

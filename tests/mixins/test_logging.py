@@ -111,3 +111,44 @@ def _download(url, local):
     fs, root = fsspec.core.url_to_fs(url)
     fs.get(root + "/", str(local) + "/", recursive=True)
     return local
+
+
+def test_flushing_the_logs_writes_an_event_the_writer_thread_has_not_taken_yet(
+    tmp_path, monkeypatch
+):
+    """A checkpoint flushes the event files; an event logged just before it must be
+    on disk then, even while tensorboardX's writer thread lags (here: slowed)."""
+    import glob
+    import time
+
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboardX import SummaryWriter
+    from tensorboardX.event_file_writer import EventsWriter
+
+    from accel_hydra.mixins.logging import flush_event_files
+
+    write_event = EventsWriter.write_event
+
+    def slow_write_event(self, event):
+        time.sleep(0.3)
+        return write_event(self, event)
+
+    monkeypatch.setattr(EventsWriter, "write_event", slow_write_event)
+    writer = SummaryWriter(logdir=str(tmp_path))
+    writer.add_scalar("train/loss", 1.5, global_step=20)
+    flush_event_files(writer)
+    (path,) = glob.glob(str(tmp_path / "events*"))
+    steps = [
+        event.step
+        for event in EventFileLoader(path).Load()
+        if any(value.tag == "train/loss" for value in event.summary.value)
+    ]
+    assert steps == [20]
+    writer.add_scalar("train/loss", 1.4, global_step=21)  # the writer still works
+    writer.close()
+    steps = [
+        event.step
+        for event in EventFileLoader(path).Load()
+        if any(value.tag == "train/loss" for value in event.summary.value)
+    ]
+    assert steps == [20, 21]
