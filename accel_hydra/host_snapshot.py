@@ -22,9 +22,11 @@ state through collectives, which must not run on a background thread.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import random
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -96,12 +98,50 @@ class HostBuffers:
         self._next = 0
         self._copied: dict[tuple, torch.Tensor] = {}
         self.on_gpu = False
+        self._reserving: threading.Thread | None = None
+        self._reserved: list[torch.Tensor] = []
 
     def start(self) -> None:
         """Begin a new snapshot: buffers are handed out from the first again."""
+        if self._reserving is not None:  # never copy into a buffer still being faulted in
+            self._reserving.join()
+            self._reserving = None
+            if not self._buffers:
+                self._buffers = self._reserved
+            self._reserved = []
         self._next = 0
         self._copied = {}
         self.on_gpu = False
+
+    def reserve(self, snapshot: Callable[[HostBuffers], Any]) -> None:
+        """Allocate and fault in, on a background thread, the buffers a snapshot will use.
+
+        The first save would otherwise pay for fresh host memory on the training
+        thread: a page fault per 4 KiB (pinning, on a GPU), several times the copy
+        itself. ``snapshot(buffers)`` is called here with a planning stand-in that
+        records each tensor's shape, dtype and place in order instead of copying it
+        (``take_snapshot`` with the arguments of a real save); a thread then allocates
+        and touches the buffers while training goes on. The next :meth:`start` waits
+        for it. If it fails, nothing is lost: the save allocates as before.
+        """
+        if self._buffers or self._reserving is not None:
+            return
+        planner = _BufferPlan()
+        snapshot(planner)
+        specs = planner.specs
+
+        def allocate() -> None:
+            buffers = []
+            for shape, dtype, pinned in specs:
+                buffer = self._allocate_spec(shape, dtype, pinned)
+                buffer.zero_()  # touch every page now, not in the first save
+                buffers.append(buffer)
+            self._reserved = buffers
+
+        self._reserving = threading.Thread(
+            target=_quietly(allocate), name="accel_hydra host buffers", daemon=True
+        )
+        self._reserving.start()
 
     def copy(self, value: Any) -> Any:
         """``value`` with every tensor replaced by a host copy; containers rebuilt."""
@@ -120,14 +160,7 @@ class HostBuffers:
     def _tensor(self, tensor: torch.Tensor) -> torch.Tensor:
         # Tensors sharing storage (tied weights) stay shared, so safetensors drops the
         # duplicates exactly as it does for the live state.
-        key = (
-            tensor.device,
-            tensor.untyped_storage().data_ptr(),
-            tensor.storage_offset(),
-            tuple(tensor.shape),
-            tensor.stride(),
-            tensor.dtype,
-        )
+        key = _storage_key(tensor)
         if key in self._copied:
             return self._copied[key]
         on_gpu = tensor.device.type == "cuda"
@@ -151,12 +184,53 @@ class HostBuffers:
 
     @staticmethod
     def _allocate(tensor: torch.Tensor, pinned: bool) -> torch.Tensor:
-        return torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=pinned)
+        return HostBuffers._allocate_spec(tensor.shape, tensor.dtype, pinned)
+
+    @staticmethod
+    def _allocate_spec(shape: Any, dtype: torch.dtype, pinned: bool) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype, device="cpu", pin_memory=pinned)
 
     @property
     def nbytes(self) -> int:
         """Host memory the buffers hold: what asynchronous saves cost."""
         return sum(buffer.nbytes for buffer in self._buffers)
+
+
+class _BufferPlan(HostBuffers):
+    """Walks a state like :class:`HostBuffers` and records the buffers it would take."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.specs: list[tuple[Any, torch.dtype, bool]] = []
+
+    def _tensor(self, tensor: torch.Tensor) -> torch.Tensor:
+        key = _storage_key(tensor)
+        if key not in self._copied:
+            self._copied[key] = tensor
+            self.specs.append((tensor.shape, tensor.dtype, tensor.device.type == "cuda"))
+        return tensor
+
+
+def _storage_key(tensor: torch.Tensor) -> tuple:
+    """Equal for tensors that are views of the same memory in the same way (tied weights)."""
+    return (
+        tensor.device,
+        tensor.untyped_storage().data_ptr(),
+        tensor.storage_offset(),
+        tuple(tensor.shape),
+        tensor.stride(),
+        tensor.dtype,
+    )
+
+
+def _quietly(work: Callable[[], None]) -> Callable[[], None]:
+    """``work`` whose failure (no memory to spare, say) only means no reserved buffers."""
+
+    def run() -> None:
+        with contextlib.suppress(Exception):
+            work()
+
+    return run
 
 
 @dataclass

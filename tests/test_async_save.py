@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -174,6 +175,36 @@ def test_host_buffers_are_reused_between_saves_and_keep_tied_tensors_tied():
     second = buffers.copy(state)
     assert second["a"].data_ptr() == first["a"].data_ptr()  # the same host memory
     assert torch.equal(second["a"], weight) and buffers.nbytes == weight.nbytes
+
+
+def test_the_first_background_save_finds_its_host_buffers_allocated_beside_training(
+    tmp_path, monkeypatch
+):
+    """Fresh host memory costs a page fault per 4 KiB: the first save would pay several
+    copies' worth on the training thread. It is allocated on a thread of its own after
+    the first update (slowed here, so the save must wait for it), and the checkpoint
+    is still the synchronous one, byte for byte."""
+    allocated_on = []
+    allocate = HostBuffers._allocate_spec
+
+    def recording_allocate(shape, dtype, pinned):
+        allocated_on.append(threading.current_thread().name)
+        time.sleep(0.02)
+        return allocate(shape, dtype, pinned)
+
+    monkeypatch.setattr(HostBuffers, "_allocate_spec", staticmethod(recording_allocate))
+    trainer = toy_trainer(tmp_path / "async", save_every_n_steps=2, save_last_k=None)
+    trainer.train(seed=0)
+    assert allocated_on and set(allocated_on) == {"accel_hydra host buffers"}
+    monkeypatch.undo()
+    reference = toy_trainer(
+        tmp_path / "sync", save_every_n_steps=2, save_last_k=None, async_save=False
+    )
+    reference.train(seed=0)
+    for name in ("step_2", "epoch_1"):
+        for path in (tmp_path / "sync" / "checkpoints" / name).iterdir():
+            written = tmp_path / "async" / "checkpoints" / name / path.name
+            assert written.read_bytes() == path.read_bytes(), f"{name}/{path.name}"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -26,6 +26,7 @@ from accel_hydra.checkpoint_reading import (
 from accel_hydra.distributed import DistributedStepError, fail_together
 from accel_hydra.host_snapshot import (
     HostBuffers,
+    HostSnapshot,
     pause_for_test,
     snapshot_is_exact,
     take_snapshot,
@@ -203,6 +204,7 @@ class CheckpointMixin(MetricMonitoringMixin):
         # next save or at the end (several processes only): (name, stage, info).
         self._pending_save: tuple[str, str, dict[str, Any]] | None = None
         self._sync_save_reason: str | None = None
+        self._reserve_buffers = False  # set when training starts with periodic async saves
 
     # ----------------------------------------------------------------- saving
 
@@ -310,13 +312,7 @@ class CheckpointMixin(MetricMonitoringMixin):
             for stem in tensors:
                 tensor_file(stem)  # a bad stem fails here, as on the synchronous path
             state = {**self._state_to_save(), "tensor_files": sorted(tensors)} if main else None
-            snapshot = take_snapshot(
-                accelerator,
-                self._host_buffers,
-                [obj.state_dict() for obj in self.checkpoint_objects] if main else [],
-                state,
-                tensor_files=tensors,
-            )
+            snapshot = self._snapshot(self._host_buffers, state, tensors)
         pause_for_test("snapshot", name)
         progress = UploadProgress()
         target = redact(store.display(name))
@@ -372,6 +368,23 @@ class CheckpointMixin(MetricMonitoringMixin):
         )
         if store.is_remote and not self.async_upload:
             self._wait_for_uploads_on_every_process()
+
+    def _snapshot(
+        self,
+        buffers: HostBuffers,
+        state: dict[str, Any] | None,
+        tensors: dict[str, dict[str, Any]],
+    ) -> HostSnapshot:
+        main = self.accelerator.is_main_process
+        objects = [obj.state_dict() for obj in self.checkpoint_objects] if main else []
+        return take_snapshot(self.accelerator, buffers, objects, state, tensor_files=tensors)
+
+    def _reserve_host_buffers(self) -> None:
+        """After the first update, when the optimizer's state exists: have the host
+        buffers of the first background save allocated beside training, so that save
+        costs a copy, not fresh memory (:meth:`HostBuffers.reserve`)."""
+        tensors = self._tensors_to_save() if self.accelerator.is_main_process else {}
+        self._host_buffers.reserve(lambda buffers: self._snapshot(buffers, None, tensors))
 
     def _commit_pending_save(self) -> None:
         """Commit the save whose files every process wrote in the background.
@@ -565,8 +578,18 @@ class CheckpointMixin(MetricMonitoringMixin):
         self._wait_for_uploads_on_every_process()
         return self.checkpoint_store.display(self._last_saved_name)
 
+    def _before_training(self) -> None:
+        super()._before_training()
+        periodic = (
+            self.save_every_n_steps or self.save_every_n_epochs or self.permanent_save_every_n_steps
+        )
+        self._reserve_buffers = bool(periodic) and self._saves_in_background()
+
     def _after_update(self) -> None:
         super()._after_update()
+        if self._reserve_buffers:
+            self._reserve_buffers = False
+            self._reserve_host_buffers()
         step = self.progress.step
         if self.save_every_n_steps and step % self.save_every_n_steps == 0:
             self.save_checkpoint(f"step_{step}")
