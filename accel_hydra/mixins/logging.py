@@ -351,7 +351,7 @@ def flush_event_files(writer: Any) -> None:
     A tensorboardX built another way gets its own ``flush()``.
     """
     for file_writer in (getattr(writer, "all_writers", None) or {}).values():
-        events = getattr(file_writer, "event_writer", None)
+        events: Any = getattr(file_writer, "event_writer", None)
         worker = getattr(events, "_worker", None)
         if worker is None or getattr(events, "_closed", True) or not hasattr(worker, "stop"):
             continue
