@@ -18,7 +18,13 @@ from torch import nn
 
 from accel_hydra.checkpoint_reading import apply_checkpoint, read_checkpoint, reads_exactly
 from accel_hydra.storage import CheckpointCorruptError
-from tests.conftest import ToyTrainer, make_model, parameters_of, trainer_kwargs
+from tests.conftest import (
+    ToyTrainer,
+    assert_bitwise_equal,
+    make_model,
+    parameters_of,
+    trainer_kwargs,
+)
 
 
 class Tied(nn.Module):
@@ -77,24 +83,6 @@ def everything(accelerator, models, optimizers, schedulers) -> dict:
     }
 
 
-def assert_same(a, b, where="state") -> None:
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype, where
-        assert torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for key in a:
-            assert_same(a[key], b[key], f"{where}[{key!r}]")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            assert_same(x, y, f"{where}[{i}]")
-    elif isinstance(a, np.ndarray):
-        assert np.array_equal(a, b), where
-    else:
-        assert a == b, where
-
-
 @pytest.mark.parametrize("models", [1, 2])
 @pytest.mark.parametrize("safe_serialization", [True, False])
 def test_reading_the_layout_ourselves_loads_what_load_state_loads(
@@ -118,7 +106,7 @@ def test_reading_the_layout_ourselves_loads_what_load_state_loads(
             apply_checkpoint(accelerator, read_checkpoint(accelerator, directory))
         results.append(everything(accelerator, nets, optimizers, schedulers))
         accelerator.free_memory()
-    assert_same(results[1], results[0])
+    assert_bitwise_equal(results[1], results[0])
     # The tied weight is one tensor again after the load, as the model built it.
     tied = nets[0]
     assert tied.out.weight.data_ptr() == tied.embed.weight.data_ptr()

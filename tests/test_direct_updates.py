@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 from tests.conftest import (
     FixedOrderStream,
     ToyTrainer,
+    assert_bitwise_equal,
     make_loader,
     regression_data,
     trainer_kwargs,
@@ -70,21 +71,6 @@ def final_state(trainer):
         "grad_norm": trainer.last_grad_norm,
         "seen": trainer.seen,
     }
-
-
-def assert_bitwise_equal(a, b, path="state"):
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for key in a:
-            assert_bitwise_equal(a[key], b[key], f"{path}[{key!r}]")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            assert_bitwise_equal(x, y, f"{path}[{i}]")
-    elif isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), f"{path} differs"
-    else:
-        assert a == b, f"{path}: {a!r} != {b!r}"
 
 
 @pytest.mark.parametrize(
