@@ -57,6 +57,8 @@ Services the loop offers to mixins (call them; do not override):
 ===================================  ===================================================
 ``_say(message)``                    print a status line on the main process, flushed
 ``_optimizer_step_was_skipped()``    whether mixed precision skipped the last update
+``_last_read_losses()``              the batch losses the last loss read averaged, in
+                                     order, on the device (read them right away)
 ===================================  ===================================================
 
 Public attributes mixins read (see :class:`LoopBase`): ``progress``, ``accelerator``,
@@ -98,6 +100,7 @@ from accel_hydra.evaluation import concatenate_outputs, outputs_to_cpu, prepare_
 from accel_hydra.extension_points import PER_BATCH_POINTS, overridden_points
 from accel_hydra.init_weights import apply_init_from
 from accel_hydra.model_summary import module_table
+from accel_hydra.pending_losses import FOLD_EVERY, PendingLosses
 from accel_hydra.preemption import InterruptAgreement, PreemptionGuard, TrainingInterrupted
 from accel_hydra.preflight import PreflightError, check_writable
 from accel_hydra.progress import Progress
@@ -177,6 +180,8 @@ class LoopBase(ABC):
             logging steps, before checkpoints and at epoch end only).
         pending_loss_sum: the sum, on the device, of the losses since the last read;
             a mixin may inspect it (``torch.isfinite``) without moving it to the host.
+            Computed when read (a few tensor ops): the loop itself keeps the losses
+            without a tensor op per batch (:mod:`accel_hydra.pending_losses`).
         pending_loss_count: how many batch losses ``pending_loss_sum`` holds.
         last_grad_norm: the total gradient norm of the last update as a tensor, when
             a mixin computed one (:class:`~accel_hydra.GradClipMixin`); else ``None``.
@@ -246,7 +251,7 @@ class LoopBase(ABC):
         self.last_loss: float | None = None
         self.last_grad_norm: torch.Tensor | None = None
         self.updates_per_epoch = 0
-        self.pending_loss_sum: torch.Tensor = torch.zeros(())
+        self._pending_losses = PendingLosses("cpu")
         self.pending_loss_count = 0
         self.samples_per_second: float | None = None
         self.single_process = True
@@ -291,6 +296,10 @@ class LoopBase(ABC):
             )
         # Resolved again at train() start; until then every point is called.
         self._per_batch_points = frozenset(PER_BATCH_POINTS)
+
+    @property
+    def pending_loss_sum(self) -> torch.Tensor:  # documented with the attributes above
+        return self._pending_losses.total()
 
     @property
     def step(self) -> int:
@@ -633,7 +642,7 @@ class LoopBase(ABC):
         self._stepped_optimizer = (
             self.optimizer.optimizer if self.direct_updates else self.optimizer
         )
-        self.pending_loss_sum = torch.zeros((), device=self.accelerator.device)
+        self._pending_losses = PendingLosses(self.accelerator.device)
         if self.init_from:
             apply_init_from(self)
         if self._compile_options is not None:
@@ -808,8 +817,12 @@ class LoopBase(ABC):
 
     def _forward_backward(self, batch: Any, batch_idx: int) -> None:
         loss = self.training_step(batch, batch_idx)
-        self.pending_loss_sum += loss.detach()
+        # PendingLosses.add, inlined: a list append per batch, no tensor op.
+        unfolded = self._pending_losses.unfolded
+        unfolded.append(loss.detach())
         self.pending_loss_count += 1
+        if len(unfolded) == FOLD_EVERY:
+            self._pending_losses.fold()
         if not self.direct_updates:
             self.accelerator.backward(loss)
         elif self.gradient_accumulation_steps > 1:
@@ -847,6 +860,11 @@ class LoopBase(ABC):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return True
+
+    def _last_read_losses(self) -> torch.Tensor:
+        """The batch losses the last :meth:`_read_loss` averaged, in order (float32, on
+        the device); valid until the next batch, so read them right after the read."""
+        return self._pending_losses.last_window()
 
     def _optimizer_step_was_skipped(self) -> bool:
         """Whether the grad scaler skipped the last update (inf/NaN fp16 gradients)."""
@@ -965,11 +983,11 @@ class LoopBase(ABC):
         """
         if self.pending_loss_count == 0:
             return self.last_loss
-        mean = self.pending_loss_sum / self.pending_loss_count
+        mean = self._pending_losses.total() / self.pending_loss_count
         if self.accelerator.num_processes > 1:
             mean = self.accelerator.reduce(mean, reduction="mean")
         self.last_loss = mean.item()
-        self.pending_loss_sum.zero_()
+        self._pending_losses.clear()
         self._mark_throughput(self.pending_loss_count)
         self.pending_loss_count = 0
         return self.last_loss

@@ -15,6 +15,7 @@ import accelerate
 import pytest
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 import accel_hydra
 from accel_hydra import LoopBase
@@ -143,7 +144,8 @@ LOOP_CALLS_PER_BATCH = 5
 
 #: Calls an override makes besides ``super()``, per update, in these settings.
 OWN_CALLS = {
-    ("EarlyStoppingMixin", "_before_optimizer_step"): 1,  # NonFiniteLossGuard.before_update
+    # SGD is not fused: the NaN guard only appends to a list (no call, no tensor op).
+    ("EarlyStoppingMixin", "_before_optimizer_step"): 0,
     ("LRSchedulingMixin", "_after_optimizer_step"): 1,  # _optimizer_step_was_skipped()
 }
 
@@ -303,3 +305,79 @@ def test_default_trainer_reads_nothing_from_the_device_per_update(tmp_path, monk
     short = count_host_reads(monkeypatch, tmp_path / "short", 6, optimizer_kwargs)
     long = count_host_reads(monkeypatch, tmp_path / "long", 18, optimizer_kwargs)
     assert long == short
+
+
+# ------------------------------------------------------------ tensor ops of the loop itself
+
+
+def own_tensor_ops_per_batch(tmp_path, optimizer_kwargs) -> Counter:
+    """Tensor ops (torch functions and Tensor methods, operators included) called from
+    accel_hydra's own frames per batch of a default Trainer (NaN guard on, clipping, a
+    per-update LR schedule): the difference between epochs of 8 and 4 batches, over 4.
+    The model's, the optimizer's and torch's own ops are not counted."""
+
+    class OwnOps(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = Counter()
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            caller = sys._getframe(1).f_code.co_filename
+            if caller.startswith(PACKAGE_DIR):
+                self.ops[getattr(func, "__name__", str(func))] += 1
+            return func(*args, **(kwargs or {}))
+
+    def run(batches):
+        counter = OwnOps()
+
+        @dataclass(kw_only=True, eq=False)
+        class Counted(ToyTrainer):
+            counting: bool = False
+
+            def on_train_epoch_start(self):
+                if self.epoch == 1:
+                    self.counting = True
+                    counter.__enter__()
+
+            def on_train_epoch_end(self):
+                if self.counting:
+                    self.counting = False
+                    counter.__exit__(None, None, None)
+
+        model = make_model()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.01, **optimizer_kwargs)
+        trainer = Counted(
+            **trainer_kwargs(
+                tmp_path / f"{batches}",
+                model=model,
+                optimizer=optimizer,
+                train_dataloader=make_loader(n=8 * batches, batch_size=8),
+                val_dataloader=None,
+                epochs=2,
+            ),
+            lr_scheduler=torch.optim.lr_scheduler.LinearLR(optimizer, 1.0, 0.5, 20),
+            max_grad_norm=1.0,
+            report_to=None,
+            log_every_n_steps=1000,
+            save_every_n_epochs=None,
+        )
+        assert trainer.stop_on_nan  # the default
+        trainer.train(seed=0)
+        return counter.ops
+
+    long, short = run(8), run(4)
+    return Counter({op: (long[op] - short[op]) // 4 for op in long if long[op] != short[op]})
+
+
+def test_the_default_loop_makes_one_tensor_call_per_batch(tmp_path):
+    """Keeping the loss and guarding against NaN cost no tensor op between loss reads:
+    the loop detaches each loss and appends it to a list. (It used to add it to a
+    running sum, and the guard made four ops per update.)"""
+    assert own_tensor_ops_per_batch(tmp_path, {}) == {"detach": 1}
+
+
+def test_an_optimizer_that_skips_on_the_device_is_guarded_per_update(tmp_path):
+    """A fused optimizer gets the guard's flag before every update (no host read):
+    that takes tensor ops, the price of skipping a bad update on the device."""
+    ops = own_tensor_ops_per_batch(tmp_path, {"fused": True})
+    assert ops["detach"] == 1 and {"isfinite", "copy_"} <= set(ops)

@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from accel_hydra.mixins.monitoring import MetricMonitoringMixin
 from accel_hydra.nan_guard import NonFiniteLossGuard
 
@@ -78,9 +80,13 @@ class EarlyStoppingMixin(MetricMonitoringMixin):
         super()._before_optimizer_step()
         guard = self._nan_guard
         if guard is not None:
-            guard.before_update(self.pending_loss_sum)
+            if guard.skips_on_device:
+                guard.before_update(self.pending_loss_sum)
+            else:  # NonFiniteLossGuard.note_update, inlined: no tensor op per update
+                guard.update_ends.append(self.pending_loss_count)
 
     def _read_loss(self) -> float | None:
+        reads = self.pending_loss_count > 0
         value = super()._read_loss()
         if (
             self.stop_on_nan
@@ -88,15 +94,22 @@ class EarlyStoppingMixin(MetricMonitoringMixin):
             and not math.isfinite(value)
             and self.nonfinite_loss_step is None
         ):
-            self._stop_for_nonfinite_loss()
+            self._stop_for_nonfinite_loss(fresh=reads)
+        if reads and self._nan_guard is not None:
+            self._nan_guard.window_read()
         return value
 
-    def _stop_for_nonfinite_loss(self) -> None:
+    def _stop_for_nonfinite_loss(self, fresh: bool = True) -> None:
         guard, step = self._nan_guard, self.step
         bad = 0
         if guard is not None:
-            count = guard.bad_updates
+            if guard.skips_on_device:
+                count = guard.bad_updates
+            else:
+                window = self._last_read_losses() if fresh else torch.zeros(0)
+                count = torch.tensor(float(guard.bad_updates_in(window)))
             if not self.single_process:  # without a device skip, each counted its own
+                count = count.to(self.accelerator.device)
                 count = self.accelerator.gather(count[None]).max()
             bad = int(count.item())
         first = step - bad + 1 if bad else step

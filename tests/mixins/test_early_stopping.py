@@ -110,6 +110,31 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
     assert all(torch.isfinite(t).all() for t in weights.values())
 
 
+def test_with_accumulation_the_first_bad_update_is_the_one_holding_the_bad_batch(tmp_path, capsys):
+    """Two batches per update, six updates per epoch, a loss read at update 4 (logging)
+    and 6 (epoch end). The second batch of update 5 is the first NaN: the guard finds
+    it at the epoch-end read from the window's batch losses, not from a device flag."""
+
+    @dataclass(kw_only=True, eq=False)
+    class NaNFromBatch(ToyTrainer):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            bad = (self.step == 4 and batch_idx % 2 == 1) or self.step > 4
+            return loss * math.nan if bad else loss
+
+    trainer = NaNFromBatch(
+        **trainer_kwargs(tmp_path, epochs=2),
+        gradient_accumulation_steps=2,
+        log_every_n_steps=4,
+        report_to=None,
+    )
+    trainer.train(seed=0)
+    assert (trainer.nonfinite_loss_step, trainer.step) == (5, 6)
+    assert "NaN or infinite at update 5 (epoch 1); updates 5 to 6 changed" in (
+        capsys.readouterr().out
+    )
+
+
 def fused_sgd(model):
     # fused=True: the optimizer takes found_inf, so the guard skips updates on the device.
     return torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, fused=True)
