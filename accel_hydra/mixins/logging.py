@@ -14,6 +14,7 @@ import fsspec
 from accelerate.tracking import GeneralTracker
 from fsspec.implementations.local import LocalFileSystem
 
+from accel_hydra.event_files import flush_event_files, write_directly
 from accel_hydra.loop import LoopBase
 from accel_hydra.redaction import redact
 from accel_hydra.trackers import (
@@ -224,6 +225,9 @@ class LoggingMixin(LoopBase):
         self._writer = SummaryWriter(
             logdir=self._local_log_dir, purge_step=purge_step, filename_suffix=suffix
         )
+        # Events go straight to the file, on this thread: no queue, no worker threads
+        # taking the GIL from training, and a flush at a checkpoint is a plain flush.
+        write_directly(self._writer)
         self._add_tracker(TensorBoardXTracker(self._writer))
 
     def _state_to_save(self) -> dict[str, Any]:
@@ -337,25 +341,3 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)) or type(value).__name__ == "ListConfig":
         return [_plain(v) for v in value]
     return value
-
-
-def flush_event_files(writer: Any) -> None:
-    """Write every event logged so far to disk, then flush: what ``flush()`` promises.
-
-    tensorboardX (2.6) hands events to a worker thread through a queue, and its
-    ``flush()`` only flushes what that thread has already written: an event logged
-    just before a checkpoint could still be in the queue, and a run killed later lost
-    it although the checkpoint after it was committed (the resumed run then starts
-    logging after it). Stopping the worker first drains the queue in order (the stop
-    signal travels behind every event); a new worker then takes over the same file.
-    A tensorboardX built another way gets its own ``flush()``.
-    """
-    for file_writer in (getattr(writer, "all_writers", None) or {}).values():
-        events: Any = getattr(file_writer, "event_writer", None)
-        worker = getattr(events, "_worker", None)
-        if worker is None or getattr(events, "_closed", True) or not hasattr(worker, "stop"):
-            continue
-        worker.stop()
-        events._worker = type(worker)(events._event_queue, events._ev_writer, events._flush_secs)
-        events._worker.start()
-    writer.flush()

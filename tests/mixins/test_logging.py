@@ -125,7 +125,7 @@ def test_flushing_the_logs_writes_an_event_the_writer_thread_has_not_taken_yet(
     from tensorboardX import SummaryWriter
     from tensorboardX.event_file_writer import EventsWriter
 
-    from accel_hydra.mixins.logging import flush_event_files
+    from accel_hydra.event_files import flush_event_files
 
     write_event = EventsWriter.write_event
 
@@ -152,3 +152,57 @@ def test_flushing_the_logs_writes_an_event_the_writer_thread_has_not_taken_yet(
         if any(value.tag == "train/loss" for value in event.summary.value)
     ]
     assert steps == [20, 21]
+
+
+def test_events_are_written_on_the_training_thread_with_no_writer_threads(tmp_path, monkeypatch):
+    """Every event of a run lands in the file from the thread that logged it: no
+    queue, no feeder or worker thread taking the GIL from training, and every event
+    is in the file, in order, when a step's log returns and the writer flushes."""
+    import threading
+
+    from tensorboardX.event_file_writer import EventsWriter
+
+    writers, on_disk = set(), []
+    write_event = EventsWriter.write_event
+
+    def recording_write_event(self, event):
+        writers.add(threading.current_thread().name)
+        return write_event(self, event)
+
+    monkeypatch.setattr(EventsWriter, "write_event", recording_write_event)
+
+    @dataclass(kw_only=True, eq=False)
+    class Watching(ToyTrainer):
+        def on_train_epoch_end(self):
+            self._writer.flush()  # a plain flush: nothing may wait in a queue
+            on_disk.append(sorted(read_events(self.log_dir).Tags()["scalars"]))
+            on_disk.append(sorted(t.name for t in threading.enumerate() if t.name != "MainThread"))
+
+    trainer = Watching(**trainer_kwargs(tmp_path, epochs=1), log_every_n_steps=2)
+    trainer.train(seed=0)
+    assert writers == {"MainThread"}
+    assert "train/loss" in on_disk[0] and "val/loss" in on_disk[0]
+    assert not [name for name in on_disk[1] if "Feeder" in name or name.startswith("Thread-")]
+
+
+def test_a_resumed_writer_keeps_its_purge_events_first(tmp_path):
+    """The events tensorboardX queues when it opens a file at a purge step are
+    written before anything logged after the switch to direct writes."""
+    import glob
+
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboardX import SummaryWriter
+
+    from accel_hydra.event_files import DirectEventWriter, write_directly
+
+    writer = SummaryWriter(logdir=str(tmp_path), purge_step=7)
+    write_directly(writer)
+    assert isinstance(writer.file_writer.event_writer, DirectEventWriter)
+    writer.add_scalar("train/loss", 0.5, global_step=8)
+    writer.flush()
+    (path,) = glob.glob(str(tmp_path / "events*"))
+    events = list(EventFileLoader(path).Load())
+    assert [e.step for e in events][-3:] == [7, 7, 8]
+    assert events[-2].session_log.status == events[-2].session_log.START
+    writer.close()
+    writer.close()  # twice is harmless, as with tensorboardX's own writer
