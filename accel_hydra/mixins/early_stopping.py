@@ -35,7 +35,8 @@ class EarlyStoppingMixin(MetricMonitoringMixin):
             Adam, AdamW, SGD, Adagrad, without fp16's grad scaler), every update from
             the bad one on is skipped there: the parameters and optimizer state stay
             those of the last good update. With other optimizers those updates apply
-            to the parameters in memory (never to a checkpoint) until the read.
+            to the parameters in memory (never to a checkpoint) until the read, and
+            the guard costs no tensor op between reads.
 
     Attributes:
         nonfinite_loss_step: the first update whose loss was NaN or infinite, once
