@@ -194,6 +194,36 @@ COMPOSITIONS = {
 }
 
 
+def train_watching_epoch_two(tmp_path, cls, batches, model, optimizer, start, stop, **settings):
+    """Train ``cls`` for two epochs of ``batches`` batches of 8; ``start()`` and
+    ``stop()`` bracket the second epoch (its loss read at the end included)."""
+
+    @dataclass(kw_only=True, eq=False)
+    class Watched(cls):
+        def on_train_epoch_start(self):
+            if self.epoch == 1:
+                start()
+
+        def on_train_epoch_end(self):
+            if self.epoch == 2:  # the epoch counter has moved on by now
+                stop()
+
+    trainer = Watched(
+        **trainer_kwargs(
+            tmp_path / f"{batches}",
+            model=model,
+            optimizer=optimizer,
+            train_dataloader=make_loader(n=8 * batches, batch_size=8),
+            val_dataloader=None,
+            epochs=2,
+        ),
+        **settings,
+    )
+    trainer.train(seed=0)
+    assert trainer.direct_updates
+    return trainer
+
+
 def per_batch_calls(tmp_path, cls, settings) -> int:
     """Python calls into accel_hydra (and this file) per batch of the second epoch,
     exactly: the difference between epochs of 8 and 4 batches, over 4."""
@@ -206,32 +236,21 @@ def per_batch_calls(tmp_path, cls, settings) -> int:
             if event == "call" and (path.startswith(PACKAGE_DIR) or path == THIS_FILE):
                 calls["ours"] += 1
 
-        @dataclass(kw_only=True, eq=False)
-        class Counted(cls):
-            def on_train_epoch_start(self):
-                if self.epoch == 1:
-                    sys.setprofile(count)
-
-            def on_train_epoch_end(self):
-                sys.setprofile(None)
-
         model = make_model()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
         extra = dict(settings)
         if extra.get("lr_scheduler") == "linear":
             extra["lr_scheduler"] = torch.optim.lr_scheduler.LinearLR(optimizer, 1.0, 0.5, 20)
-        trainer = Counted(
-            **trainer_kwargs(
-                tmp_path / f"{batches}",
-                model=model,
-                optimizer=optimizer,
-                train_dataloader=make_loader(n=8 * batches, batch_size=8),
-                val_dataloader=None,
-            ),
+        train_watching_epoch_two(
+            tmp_path,
+            cls,
+            batches,
+            model,
+            optimizer,
+            start=lambda: sys.setprofile(count),
+            stop=lambda: sys.setprofile(None),
             **extra,
         )
-        trainer.train(seed=0)
-        assert trainer.direct_updates
         return calls["ours"]
 
     return (run(8) - run(4)) // 4
@@ -329,32 +348,16 @@ def own_tensor_ops_per_batch(tmp_path, optimizer_kwargs) -> Counter:
 
     def run(batches):
         counter = OwnOps()
-
-        @dataclass(kw_only=True, eq=False)
-        class Counted(ToyTrainer):
-            counting: bool = False
-
-            def on_train_epoch_start(self):
-                if self.epoch == 1:
-                    self.counting = True
-                    counter.__enter__()
-
-            def on_train_epoch_end(self):
-                if self.counting:
-                    self.counting = False
-                    counter.__exit__(None, None, None)
-
         model = make_model()
         optimizer = torch.optim.AdamW(model.parameters(), lr=0.01, **optimizer_kwargs)
-        trainer = Counted(
-            **trainer_kwargs(
-                tmp_path / f"{batches}",
-                model=model,
-                optimizer=optimizer,
-                train_dataloader=make_loader(n=8 * batches, batch_size=8),
-                val_dataloader=None,
-                epochs=2,
-            ),
+        trainer = train_watching_epoch_two(
+            tmp_path,
+            ToyTrainer,
+            batches,
+            model,
+            optimizer,
+            start=counter.__enter__,
+            stop=lambda: counter.__exit__(None, None, None),
             lr_scheduler=torch.optim.lr_scheduler.LinearLR(optimizer, 1.0, 0.5, 20),
             max_grad_norm=1.0,
             report_to=None,
@@ -362,7 +365,6 @@ def own_tensor_ops_per_batch(tmp_path, optimizer_kwargs) -> Counter:
             save_every_n_epochs=None,
         )
         assert trainer.stop_on_nan  # the default
-        trainer.train(seed=0)
         return counter.ops
 
     long, short = run(8), run(4)
