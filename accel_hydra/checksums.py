@@ -36,9 +36,12 @@ def checksum_file(path: str) -> tuple[int, str]:
     """Size in bytes and checksum of the file at ``path``, read once."""
     digest = xxhash.xxh3_128()
     size = 0
-    buffer = bytearray(_CHUNK)
-    view = memoryview(buffer)
     with open(path, "rb", buffering=0) as f:
+        # A small file gets a small buffer: zeroing 4 MiB costs more than hashing a
+        # few kilobytes, and a checkpoint has several such files (RNG, state, marker).
+        # One byte more than the file, so the first read is the whole file.
+        buffer = bytearray(min(_CHUNK, os.fstat(f.fileno()).st_size + 1))
+        view = memoryview(buffer)
         while n := f.readinto(buffer):
             digest.update(view[:n])
             size += n
