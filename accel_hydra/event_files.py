@@ -17,9 +17,13 @@ way is left as it is, and :func:`flush_event_files` drains its queue the slow wa
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
-__all__ = ["DirectEventWriter", "flush_event_files", "write_directly"]
+__all__ = ["DirectEventWriter", "add_scalar", "flush_event_files", "write_directly"]
+
+#: What tensorboardX replaces by ``_`` in a tag (it also strips leading slashes).
+_ILLEGAL_IN_TAG = re.compile(r"[^-/\w.]")
 
 
 class DirectEventWriter:
@@ -81,6 +85,28 @@ def write_directly(writer: Any) -> None:
         queued._closed = True  # inert from here on; its file now belongs to us
         queued._event_queue.close()
         file_writer.event_writer = DirectEventWriter(queued._ev_writer, queued.get_logdir())
+
+
+def add_scalar(writer: Any, tag: str, value: Any, step: int | None) -> None:
+    """Write what ``writer.add_scalar(tag, value, global_step=step)`` writes.
+
+    For a plain ``float`` or ``int`` into a writer :func:`write_directly` converted,
+    the event is built here: tensorboardX turns every value into a NumPy array and
+    sums it to warn about NaN, most of the cost of a scalar. The tag is cleaned the
+    way tensorboardX cleans it. Anything else goes through ``add_scalar`` itself.
+    """
+    file_writer = getattr(writer, "file_writer", None)
+    if type(value) not in (float, int) or not isinstance(
+        getattr(file_writer, "event_writer", None), DirectEventWriter
+    ):
+        writer.add_scalar(tag, value, global_step=step)
+        return
+    from tensorboardX.proto.summary_pb2 import Summary
+
+    clean = _ILLEGAL_IN_TAG.sub("_", tag).lstrip("/")
+    file_writer.add_summary(  # type: ignore[union-attr]
+        Summary(value=[Summary.Value(tag=clean, simple_value=float(value))]), step
+    )
 
 
 def flush_event_files(writer: Any) -> None:

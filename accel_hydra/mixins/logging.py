@@ -14,7 +14,7 @@ import fsspec
 from accelerate.tracking import GeneralTracker
 from fsspec.implementations.local import LocalFileSystem
 
-from accel_hydra.event_files import flush_event_files, write_directly
+from accel_hydra.event_files import add_scalar, flush_event_files, write_directly
 from accel_hydra.loop import LoopBase
 from accel_hydra.redaction import redact
 from accel_hydra.trackers import (
@@ -61,7 +61,7 @@ class TensorBoardXTracker(GeneralTracker):
                 self.writer.add_text(key, value, global_step=step)
             else:
                 value = value.item() if hasattr(value, "item") else value
-                self.writer.add_scalar(key, value, global_step=step)
+                add_scalar(self.writer, key, value, step)
 
 
 @dataclass(kw_only=True, eq=False)

@@ -206,3 +206,53 @@ def test_a_resumed_writer_keeps_its_purge_events_first(tmp_path):
     assert events[-2].session_log.status == events[-2].session_log.START
     writer.close()
     writer.close()  # twice is harmless, as with tensorboardX's own writer
+
+
+@pytest.mark.parametrize(
+    ("tag", "value"),
+    [
+        ("train/loss", 0.25),
+        ("train/samples_per_sec", 12345),
+        ("/leading/slash", 1.5),
+        ("odd tag (with) spaces:and:colons", -3.0),
+        ("val/acc", float("nan")),
+        ("val/inf", float("inf")),
+        ("flag", True),  # not float or int: tensorboardX's own add_scalar
+    ],
+)
+def test_a_scalar_event_is_what_tensorboardx_writes(tmp_path, tag, value):
+    """The scalars the trainer builds itself read back exactly like tensorboardX's."""
+    import glob
+    import math
+
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboardX import SummaryWriter
+
+    from accel_hydra.event_files import add_scalar, write_directly
+
+    def written(directory, write):
+        writer = SummaryWriter(logdir=str(directory))
+        write_directly(writer)
+        write(writer)
+        writer.close()
+        (path,) = glob.glob(str(directory / "events*"))
+        return [
+            (v.tag, v.simple_value, event.step)
+            for event in EventFileLoader(path).Load()
+            for v in event.summary.value
+        ]
+
+    fell_back = []
+
+    def ours_write(writer):
+        original = writer.add_scalar
+        writer.add_scalar = lambda *a, **k: fell_back.append(1) or original(*a, **k)
+        add_scalar(writer, tag, value, 7)
+
+    ours = written(tmp_path / "ours", ours_write)
+    assert bool(fell_back) == (type(value) not in (float, int))  # built by us otherwise
+    theirs = written(tmp_path / "theirs", lambda w: w.add_scalar(tag, value, global_step=7))
+    assert len(ours) == len(theirs) == 1
+    (ours_tag, ours_value, ours_step), (tag_x, value_x, step_x) = ours[0], theirs[0]
+    assert (ours_tag, ours_step) == (tag_x, step_x)
+    assert ours_value == value_x or (math.isnan(ours_value) and math.isnan(value_x))
