@@ -17,6 +17,7 @@ way is left as it is, and :func:`flush_event_files` drains its queue the slow wa
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 
@@ -101,12 +102,20 @@ def add_scalar(writer: Any, tag: str, value: Any, step: int | None) -> None:
     ):
         writer.add_scalar(tag, value, global_step=step)
         return
-    from tensorboardX.proto.summary_pb2 import Summary
-
+    summary = _summary_type()
     clean = _ILLEGAL_IN_TAG.sub("_", tag).lstrip("/")
     file_writer.add_summary(  # type: ignore[union-attr]
-        Summary(value=[Summary.Value(tag=clean, simple_value=float(value))]), step
+        summary(value=[summary.Value(tag=clean, simple_value=float(value))]), step
     )
+
+
+@functools.cache
+def _summary_type() -> Any:
+    """tensorboardX's ``Summary`` message, imported on the first scalar (the import
+    of ``accel_hydra`` stays free of tensorboardX)."""
+    from tensorboardX.proto.summary_pb2 import Summary
+
+    return Summary
 
 
 def flush_event_files(writer: Any) -> None:

@@ -151,14 +151,16 @@ class LoggingMixin(LoopBase):
 
         Call it from any process; only the main process logs.
         """
-        if not self._trackers:
+        if not self._trackers or not self.accelerator.is_main_process:
             return
         values = {
             key: value.item() if hasattr(value, "item") else value
             for key, value in values.items()
             if value is not None
         }
-        self.accelerator.log(values, step=self.step if step is None else step)
+        # What accelerator.log does, without building a PartialState per call.
+        for tracker in self.accelerator.trackers:
+            tracker.log(values, step=self.step if step is None else step)
 
     def _is_logging_step(self) -> bool:
         return super()._is_logging_step() or self.progress.step % self.log_every_n_steps == 0
