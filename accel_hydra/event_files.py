@@ -1,4 +1,4 @@
-"""TensorBoard event files written when an event is logged, and flushed for real.
+"""TensorBoard event files written when an event is logged, and flushed at once.
 
 tensorboardX (2.6) hands every event to a worker thread through a
 ``multiprocessing.Queue``: a feeder thread pickles it into a pipe, the worker

@@ -863,7 +863,8 @@ class LoopBase(ABC):
 
     def _last_read_losses(self) -> torch.Tensor:
         """The batch losses the last :meth:`_read_loss` averaged, in order (float32, on
-        the device); valid until the next batch, so read them right after the read."""
+        the device); valid until the next fold (a read of ``pending_loss_sum``, or 256
+        more batches), so read them right after the read."""
         return self._pending_losses.last_window()
 
     def _optimizer_step_was_skipped(self) -> bool:
