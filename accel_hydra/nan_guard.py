@@ -69,16 +69,13 @@ class NonFiniteLossGuard:
     def before_update(self, loss_sum: torch.Tensor) -> None:
         """Count this update if ``loss_sum`` (the losses since the last read) is not
         finite, and tell a fused optimizer to skip it. No host read. Only for an
-        optimizer that :attr:`skips_on_device`; the others call :meth:`note_update`."""
+        optimizer that :attr:`skips_on_device`; for the others the loop appends each
+        update's batch count to :attr:`update_ends`."""
         bad = torch.isfinite(loss_sum).logical_not_()
         if self._reduce_flag is not None:
             bad = self._reduce_flag(bad.float()) > 0
         self._found_inf.copy_(bad)
         self._bad_updates.add_(self._found_inf)
-
-    def note_update(self, batches: int) -> None:
-        """Remember that an update closed the window's first ``batches`` batches."""
-        self.update_ends.append(batches)
 
     def window_read(self) -> None:
         """The loop read the loss: a new window starts."""

@@ -83,7 +83,7 @@ class EarlyStoppingMixin(MetricMonitoringMixin):
         if guard is not None:
             if guard.skips_on_device:
                 guard.before_update(self.pending_loss_sum)
-            else:  # NonFiniteLossGuard.note_update, inlined: no tensor op per update
+            else:  # a list append: no tensor op per update
                 guard.update_ends.append(self.pending_loss_count)
 
     def _read_loss(self) -> float | None:
@@ -107,8 +107,8 @@ class EarlyStoppingMixin(MetricMonitoringMixin):
             if guard.skips_on_device:
                 count = guard.bad_updates
             else:
-                window = self._last_read_losses() if fresh else torch.zeros(0)
-                count = torch.tensor(float(guard.bad_updates_in(window)))
+                found = guard.bad_updates_in(self._last_read_losses()) if fresh else 0
+                count = torch.tensor(float(found))
             if not self.single_process:  # without a device skip, each counted its own
                 count = count.to(self.accelerator.device)
                 count = self.accelerator.gather(count[None]).max()

@@ -158,9 +158,10 @@ class LoggingMixin(LoopBase):
             for key, value in values.items()
             if value is not None
         }
+        step = self.step if step is None else step
         # What accelerator.log does, without building a PartialState per call.
         for tracker in self.accelerator.trackers:
-            tracker.log(values, step=self.step if step is None else step)
+            tracker.log(values, step=step)
 
     def _is_logging_step(self) -> bool:
         return super()._is_logging_step() or self.progress.step % self.log_every_n_steps == 0
