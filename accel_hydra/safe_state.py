@@ -77,8 +77,11 @@ def save_trainer_state(state: dict[str, Any], path: str) -> None:
     they are; tuples, dicts with other keys and small tensors get a tagged form that
     :func:`load_trainer_state` turns back into the same Python values.
     """
+    # dumps, not dump: dump streams through json's pure-Python encoder, dumps uses the C
+    # one (the same text, written in one call; this runs once per checkpoint).
+    text = json.dumps(_encode(state), sort_keys=True, allow_nan=True)
     with open(path, "w", encoding="utf-8") as f:
-        json.dump(_encode(state), f, sort_keys=True, allow_nan=True)
+        f.write(text)
 
 
 def load_trainer_state(path: str) -> dict[str, Any]:

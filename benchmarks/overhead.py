@@ -19,6 +19,14 @@ read every 50 steps):
                    steps, step checkpoints every 500 updates to a local directory,
                    early stopping on a (small) validation set, the NaN guard, the
                    progress bar (drawn into /dev/null).
+* ``pytorch_all``  the hand-written PyTorch loop doing ``trainer_all``'s work: the loss
+                   and learning rate to tensorboardX every 50 steps, the same
+                   validation each epoch (its loss logged too), and a careful
+                   checkpoint (model, optimizer, scheduler, RNG states in one
+                   ``torch.save``, flushed to disk, renamed into place, the older
+                   one deleted) every 500 updates and as ``best`` when the
+                   validation loss improves. No progress bar. ``trainer_all`` over
+                   ``pytorch_all`` is what the mixins cost over that work by hand.
 * ``lightning``, ``ignite``  the same work in PyTorch Lightning and PyTorch-Ignite,
                    when installed (``pip install -e ".[bench]"``); skipped otherwise.
 
@@ -56,7 +64,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
-CORE_VARIANTS = ("pytorch", "accelerate", "trainer", "trainer_all")
+CORE_VARIANTS = ("pytorch", "accelerate", "trainer", "trainer_all", "pytorch_all")
 OPTIONAL_VARIANTS = {"lightning": "lightning", "ignite": "ignite"}
 
 
@@ -209,6 +217,66 @@ def run_pytorch(workload: Workload, clock: StepClock) -> None:
             step += 1
             if step % LOG_EVERY == 0:
                 losses.append(loss.item())
+    clock.finished()
+
+
+def run_pytorch_all(workload: Workload, clock: StepClock) -> None:
+    import random
+
+    import numpy as np
+    import torch
+    from tensorboardX import SummaryWriter
+    from torch.nn.functional import cross_entropy
+
+    model, optimizer, scheduler, loader, val = build(workload)
+    epochs = workload.warmup_epochs + workload.timed_epochs
+
+    def save(path: str) -> None:
+        state = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": (torch.get_rng_state(), random.getstate(), np.random.get_state()),
+            "step": step,
+        }
+        with open(path + ".tmp", "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+
+    with tempfile.TemporaryDirectory() as project_dir:
+        writer = SummaryWriter(os.path.join(project_dir, "logs"))
+        step, best, last_saved = 0, float("inf"), None
+        for epoch in range(epochs):
+            clock.epoch_started(epoch)
+            model.train()
+            for x, y in loader:
+                loss = cross_entropy(model(x), y)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                if step % LOG_EVERY == 0:
+                    writer.add_scalar("train/loss", loss.item(), step)
+                    writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
+                if step % 500 == 0:
+                    path = os.path.join(project_dir, f"step_{step}.pt")
+                    save(path)
+                    if last_saved is not None:
+                        os.remove(last_saved)
+                    last_saved = path
+            model.eval()
+            with torch.no_grad():
+                val_loss = sum(cross_entropy(model(x), y) for x, y in val) / len(val)
+            val_loss = float(val_loss)
+            writer.add_scalar("val/loss", val_loss, step)
+            if val_loss < best:
+                best = val_loss
+                save(os.path.join(project_dir, "best.pt"))
+        writer.close()
     clock.finished()
 
 
@@ -457,6 +525,8 @@ def worker(variant: str, workload_name: str, count_calls: bool, by_function: boo
         run_pytorch(workload, clock)
     elif variant == "accelerate":
         run_accelerate(workload, clock)
+    elif variant == "pytorch_all":
+        run_pytorch_all(workload, clock)
     elif variant in ("trainer", "trainer_all"):
         run_trainer(workload, clock, every_mixin=variant == "trainer_all")
     elif variant.startswith("mixins"):
@@ -575,6 +645,13 @@ def table(results: dict, variants: list[str]) -> str:
                 f"{paired_ratio(per_variant, variant, 'accelerate'):>12.3f}x "
                 f"{vs_trainer:>10} {calls_text:>10} {python_text:>8}"
             )
+        if "trainer_all" in per_variant and "pytorch_all" in per_variant:
+            ratio = paired_ratio(per_variant, "trainer_all", "pytorch_all")
+            line = f"  trainer_all vs pytorch_all (the same work written by hand): {ratio:.3f}x"
+            if "trainer" in per_variant:
+                by_hand = paired_ratio(per_variant, "pytorch_all", "trainer")
+                line += f"; pytorch_all vs trainer: {by_hand:.3f}x"
+            lines.append(line)
     return "\n".join(lines)
 
 

@@ -213,6 +213,14 @@ def test_trainer_state_round_trips_through_json(tmp_path):
             load_trainer_state(path)
 
 
+def test_a_trainer_state_json_cannot_hold_leaves_no_file_behind(tmp_path):
+    # Encoded before the file is opened: a stage never holds a cut-off state file.
+    path = tmp_path / "state.json"
+    with pytest.raises(TypeError, match="JSON cannot store"):
+        save_trainer_state({"ok": 1, "bad": object()}, str(path))
+    assert not path.exists()
+
+
 def test_non_archive_is_refused_without_unpickling(tmp_path):
     path = tmp_path / "x.bin"
     path.write_bytes(pickle.dumps(Payload(str(tmp_path / "ran"))))

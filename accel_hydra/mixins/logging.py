@@ -151,7 +151,7 @@ class LoggingMixin(LoopBase):
 
         Call it from any process; only the main process logs.
         """
-        if not self._trackers or not self.accelerator.is_main_process:
+        if not self._trackers:  # started on the main process only (_before_training)
             return
         values = {
             key: value.item() if hasattr(value, "item") else value
