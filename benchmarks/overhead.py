@@ -197,26 +197,43 @@ def build(workload: Workload):
     return model, optimizer, scheduler, loader, val
 
 
-def run_pytorch(workload: Workload, clock: StepClock) -> None:
+def hand_written_epoch(
+    model, optimizer, scheduler, loader, step: int, on_log, save_every=0, on_save=None
+) -> int:
+    """One epoch of the hand-written PyTorch loop; the update count after it.
+
+    ``on_log(step, loss)`` runs every ``LOG_EVERY`` updates, ``on_save(step)`` every
+    ``save_every`` (no call per update otherwise, as a loop written by hand).
+    """
     import torch
     from torch.nn.functional import cross_entropy
 
+    model.train()
+    for x, y in loader:
+        loss = cross_entropy(model(x), y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        if step % LOG_EVERY == 0:
+            on_log(step, loss)
+        if save_every and step % save_every == 0:
+            on_save(step)
+    return step
+
+
+def run_pytorch(workload: Workload, clock: StepClock) -> None:
     model, optimizer, scheduler, loader, _ = build(workload)
     epochs = workload.warmup_epochs + workload.timed_epochs
-    losses, step = [], 0
+    losses: list[float] = []
+    step = 0
     for epoch in range(epochs):
         clock.epoch_started(epoch)
-        model.train()
-        for x, y in loader:
-            loss = cross_entropy(model(x), y)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            if step % LOG_EVERY == 0:
-                losses.append(loss.item())
+        step = hand_written_epoch(
+            model, optimizer, scheduler, loader, step, lambda _, loss: losses.append(loss.item())
+        )
     clock.finished()
 
 
@@ -231,7 +248,7 @@ def run_pytorch_all(workload: Workload, clock: StepClock) -> None:
     model, optimizer, scheduler, loader, val = build(workload)
     epochs = workload.warmup_epochs + workload.timed_epochs
 
-    def save(path: str) -> None:
+    def save(path: str, step: int) -> None:
         state = {
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
@@ -247,35 +264,31 @@ def run_pytorch_all(workload: Workload, clock: StepClock) -> None:
 
     with tempfile.TemporaryDirectory() as project_dir:
         writer = SummaryWriter(os.path.join(project_dir, "logs"))
-        step, best, last_saved = 0, float("inf"), None
+        saved: list[str] = []
+
+        def log(step: int, loss) -> None:
+            writer.add_scalar("train/loss", loss.item(), step)
+            writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
+
+        def save_step(step: int) -> None:
+            saved.append(os.path.join(project_dir, f"step_{step}.pt"))
+            save(saved[-1], step)
+            if len(saved) > 1:
+                os.remove(saved.pop(0))
+
+        step, best = 0, float("inf")
         for epoch in range(epochs):
             clock.epoch_started(epoch)
-            model.train()
-            for x, y in loader:
-                loss = cross_entropy(model(x), y)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                if step % LOG_EVERY == 0:
-                    writer.add_scalar("train/loss", loss.item(), step)
-                    writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
-                if step % 500 == 0:
-                    path = os.path.join(project_dir, f"step_{step}.pt")
-                    save(path)
-                    if last_saved is not None:
-                        os.remove(last_saved)
-                    last_saved = path
+            step = hand_written_epoch(
+                model, optimizer, scheduler, loader, step, log, 500, save_step
+            )
             model.eval()
             with torch.no_grad():
-                val_loss = sum(cross_entropy(model(x), y) for x, y in val) / len(val)
-            val_loss = float(val_loss)
+                val_loss = float(sum(cross_entropy(model(x), y) for x, y in val) / len(val))
             writer.add_scalar("val/loss", val_loss, step)
             if val_loss < best:
                 best = val_loss
-                save(os.path.join(project_dir, "best.pt"))
+                save(os.path.join(project_dir, "best.pt"), step)
         writer.close()
     clock.finished()
 
