@@ -24,6 +24,8 @@ __all__ = [
 
 _exit_hook_registered = False
 _exit_status = 0
+# How long the GIL-free watchdog of a teardown waits after its own timeout.
+_GIL_FREE_GRACE = 15.0
 
 
 def launched_without_gpus() -> bool:
@@ -136,23 +138,39 @@ def shut_down_process_group(timeout: float = 60.0, exit_status: int = 0) -> None
     run's exit status into a failure. Entry points call this once, at the very end,
     after the run succeeded.
 
-    The teardown itself now and then never returns (pytorch/pytorch#75097). It runs on
-    a helper thread; if it has not finished after ``timeout`` seconds, this process,
-    whose work is done and saved, says so and exits at once with ``exit_status``
-    (0: the run succeeded) instead of holding the job forever.
+    The processes meet in an all-reduce of a tensor held here, not in a barrier. Up to
+    torch 2.7, destroying a gloo group holds the GIL while it joins the group's worker
+    threads, and a worker freeing a finished collective whose tensors Python already
+    dropped needs the GIL: a deadlock (pytorch/pytorch#56297). A gloo barrier keeps a
+    weak reference to every collective in flight when it starts (the loop's
+    preemption flag, a ``gather_object``), so the worker frees them together with the
+    barrier, just after it returned here and while the destruction began: about one
+    teardown in a hundred never returned. An all-reduce references only its own
+    tensor, which stays alive here until the group is gone.
+
+    If the teardown has not finished after ``timeout`` seconds (a peer that never
+    arrives), this process, whose work is done and saved, says so and exits at once
+    with ``exit_status`` (0: the run succeeded) instead of holding the job forever. A
+    hang that holds the GIL would also stop that watch, so a watchdog of
+    :mod:`faulthandler`, which needs no GIL, ends the process 15 seconds later with
+    status 1 and every thread's traceback on stderr.
     """
+    import faulthandler
+
     import torch.distributed as dist
 
     if not process_group_exists():
         return
 
     def leave() -> None:
+        arrived = torch.ones(1)
         try:
-            dist.barrier()
+            dist.all_reduce(arrived)
             dist.destroy_process_group()
         except Exception:  # a peer already left: nothing is left to tear down together
             pass
 
+    faulthandler.dump_traceback_later(timeout + _GIL_FREE_GRACE, exit=True)
     helper = threading.Thread(target=leave, name="accel_hydra teardown", daemon=True)
     helper.start()
     helper.join(timeout)
@@ -165,3 +183,4 @@ def shut_down_process_group(timeout: float = 60.0, exit_status: int = 0) -> None
         )
         sys.stdout.flush()
         os._exit(exit_status)
+    faulthandler.cancel_dump_traceback_later()

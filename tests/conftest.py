@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -23,17 +24,31 @@ os.environ.setdefault("ACCELERATE_USE_CPU", "true")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def run_command(command, *, timeout, cwd=REPO, env=None):
+    """Run ``command`` in a session of its own and capture its output.
+
+    On a timeout the whole session is killed, not only ``command``: a hung launcher's
+    workers (torchrun's ranks) would otherwise run on beside the rest of the suite.
+
+    Raises:
+        subprocess.TimeoutExpired: with the output captured up to the kill.
+    """
+    process = subprocess.Popen(command, cwd=cwd, env=env, text=True, start_new_session=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        out, err = process.communicate()
+        raise subprocess.TimeoutExpired(command, timeout, output=out, stderr=err) from None
+    return subprocess.CompletedProcess(command, process.returncode, out, err)
+
+
 def run_module(module, *args, cwd=REPO, env=None, timeout=300, runner=(sys.executable,)):
     """Run ``python -m module args`` (or under ``runner``, e.g. torchrun) in a real
     subprocess and capture its output."""
-    return subprocess.run(
-        [*runner, "-m", module, *map(str, args)],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **(env or {})},
-    )
+    command = [*runner, "-m", module, *map(str, args)]
+    return run_command(command, timeout=timeout, cwd=cwd, env={**os.environ, **(env or {})})
 
 
 # gcsfs reads it on import; without it every emulated bucket costs a 60 s probe.

@@ -7,13 +7,12 @@ was done ("terminate called without an active exception", status -6 on one rank)
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
-from tests.conftest import REPO
+from tests.conftest import REPO, run_command
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available(), reason="needs torch.distributed"
@@ -26,8 +25,7 @@ def run_user_script(project):
                str(project)]  # fmt: skip
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": REPO}  # fmt: skip
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=180)  # fmt: skip
+    return run_command(command, env=env, timeout=180)
 
 
 def run_many(tmp_path, times):

@@ -5,7 +5,10 @@ import subprocess
 import sys
 import time
 
-from tests.conftest import REPO
+import pytest
+import torch
+
+from tests.conftest import REPO, run_command
 from tests.storage_servers import free_port
 
 # Rank 0 finished its run and leaves; rank 1 never reaches the barrier (as when the
@@ -54,3 +57,59 @@ def test_a_hung_teardown_exits_cleanly_after_its_timeout():
     assert "rank 0 returned" not in out  # it left at once instead of carrying on
     assert "leaving the process group did not finish in 2 s" in err
     assert waited < 50  # a hang would have run into the 60 s limit above
+
+
+TORCH_VERSION = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+
+
+@pytest.mark.skipif(
+    TORCH_VERSION >= (2, 8),
+    reason="torch 2.8 and later release the GIL while destroying a process group "
+    "(pytorch/pytorch#154976): the deadlock this test provokes cannot happen there",
+)
+def test_leaving_right_after_an_async_all_reduce_never_deadlocks(tmp_path):
+    """Four hundred teardowns straight after the preemption flag's exchange.
+
+    A barrier in the teardown kept the finished exchange alive until the barrier
+    itself was freed, by a gloo worker that then needed the GIL the destroying thread
+    held: about one teardown in seventy hung for good, past the 60 s watch.
+    """
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node", "2", os.path.join(REPO, "tests", "teardown_script.py"),
+               str(tmp_path), "400"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    try:
+        done = run_command(command, env=env, timeout=150)
+    except subprocess.TimeoutExpired as hung:
+        pytest.fail(f"the teardowns hung; output so far: {hung.stdout!r}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("left 400 groups") == 2
+
+
+# The destruction blocks in C++ holding the GIL (as the gloo deadlock did): the
+# helper's 2 s watch cannot run; the watchdog of faulthandler must end the process.
+GIL_HELD_SCRIPT = """
+import ctypes, os
+import torch.distributed as dist
+import accel_hydra.distributed as ours
+
+ours._GIL_FREE_GRACE = 1.0
+store = dist.HashStore()
+dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+libc = ctypes.PyDLL(None)  # PyDLL: the call keeps the GIL, as a pybind destructor does
+dist.destroy_process_group = lambda: libc.sleep(120)
+ours.shut_down_process_group(timeout=2)
+print("returned", flush=True)
+"""
+
+
+def test_a_teardown_hung_while_holding_the_gil_still_ends_the_process():
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", GIL_HELD_SCRIPT], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    waited = time.monotonic() - started
+    assert done.returncode == 1
+    assert "returned" not in done.stdout
+    # faulthandler's dump names the thread that hung and where.
+    assert "destroy_process_group" in done.stderr or "<lambda>" in done.stderr, done.stderr
+    assert waited < 30  # 2 s watch + 1 s grace, not the 120 s sleep
