@@ -138,15 +138,17 @@ def shut_down_process_group(timeout: float = 60.0, exit_status: int = 0) -> None
     run's exit status into a failure. Entry points call this once, at the very end,
     after the run succeeded.
 
-    The processes meet in an all-reduce of a tensor held here, not in a barrier. Up to
-    torch 2.7, destroying a gloo group holds the GIL while it joins the group's worker
-    threads, and a worker freeing a finished collective whose tensors Python already
-    dropped needs the GIL: a deadlock (pytorch/pytorch#56297). A gloo barrier keeps a
+    The processes meet in an all-reduce of a tensor held here, not in a barrier. In
+    torch 2.6 (before pytorch/pytorch#154976), destroying a gloo group holds the GIL
+    while it joins the group's worker threads, and a worker freeing a finished
+    collective whose tensors Python already dropped needs the GIL: a deadlock
+    (pytorch/pytorch#56297). A gloo barrier keeps a
     weak reference to every collective in flight when it starts (the loop's
     preemption flag, a ``gather_object``), so the worker frees them together with the
     barrier, just after it returned here and while the destruction began: about one
-    teardown in a hundred never returned. An all-reduce references only its own
-    tensor, which stays alive here until the group is gone.
+    teardown in seventy never returned. An all-reduce references only its own
+    tensor, which stays alive here until the group is gone. (NCCL, which takes no CPU
+    tensor and has no such worker threads, meets in its barrier.)
 
     If the teardown has not finished after ``timeout`` seconds (a peer that never
     arrives), this process, whose work is done and saved, says so and exits at once
@@ -163,10 +165,10 @@ def shut_down_process_group(timeout: float = 60.0, exit_status: int = 0) -> None
         return
 
     def leave() -> None:
-        arrived = torch.ones(1)
         try:
-            dist.all_reduce(arrived)
+            kept = _meet_before_leaving()
             dist.destroy_process_group()
+            del kept
         except Exception:  # a peer already left: nothing is left to tear down together
             pass
 
@@ -184,3 +186,20 @@ def shut_down_process_group(timeout: float = 60.0, exit_status: int = 0) -> None
         sys.stdout.flush()
         os._exit(exit_status)
     faulthandler.cancel_dump_traceback_later()
+
+
+def _meet_before_leaving() -> torch.Tensor | None:
+    """Return once every process has arrived; the result must outlive the group.
+
+    Over gloo (alone or beside NCCL) the processes meet in an all-reduce of a CPU
+    tensor returned to the caller (see :func:`shut_down_process_group` for why not a
+    barrier); a group without gloo meets in its barrier.
+    """
+    import torch.distributed as dist
+
+    if "gloo" not in str(dist.get_backend()):
+        dist.barrier()
+        return None
+    arrived = torch.ones(1)
+    dist.all_reduce(arrived)
+    return arrived
