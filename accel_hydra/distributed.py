@@ -142,13 +142,13 @@ def shut_down_process_group(timeout: float = 60.0, exit_status: int = 0) -> None
     torch 2.6 (before pytorch/pytorch#154976), destroying a gloo group holds the GIL
     while it joins the group's worker threads, and a worker freeing a finished
     collective whose tensors Python already dropped needs the GIL: a deadlock
-    (pytorch/pytorch#56297). A gloo barrier keeps a
-    weak reference to every collective in flight when it starts (the loop's
-    preemption flag, a ``gather_object``), so the worker frees them together with the
-    barrier, just after it returned here and while the destruction began: about one
-    teardown in seventy never returned. An all-reduce references only its own
-    tensor, which stays alive here until the group is gone. (NCCL, which takes no CPU
-    tensor and has no such worker threads, meets in its barrier.)
+    (pytorch/pytorch#56297). A gloo barrier keeps a weak reference to every collective
+    in flight when it starts (the loop's preemption flag, a ``gather_object``), so the
+    worker frees them together with the barrier, just after it returned here and while
+    the destruction began: about one teardown in seventy never returned. An all-reduce
+    references only its own tensor, which stays alive here until the group is gone.
+    (NCCL, which takes no CPU tensor and has no such worker threads, meets in its
+    barrier.)
 
     If the teardown has not finished after ``timeout`` seconds (a peer that never
     arrives), this process, whose work is done and saved, says so and exits at once
@@ -168,7 +168,7 @@ def shut_down_process_group(timeout: float = 60.0, exit_status: int = 0) -> None
         try:
             kept = _meet_before_leaving()
             dist.destroy_process_group()
-            del kept
+            del kept  # only now: the group is gone
         except Exception:  # a peer already left: nothing is left to tear down together
             pass
 

@@ -59,11 +59,8 @@ def test_a_hung_teardown_exits_cleanly_after_its_timeout():
     assert waited < 50  # a hang would have run into the 60 s limit above
 
 
-TORCH_VERSION = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
-
-
 @pytest.mark.skipif(
-    TORCH_VERSION >= (2, 8),
+    torch.__version__ >= "2.8",
     reason="newer torch releases the GIL while destroying a process group "
     "(pytorch/pytorch#154976; torch 2.13 never hung in 1500 rounds of the old "
     "teardown): the deadlock this test provokes cannot happen there",
@@ -106,8 +103,7 @@ print("returned", flush=True)
 
 def test_a_teardown_hung_while_holding_the_gil_still_ends_the_process():
     started = time.monotonic()
-    done = subprocess.run([sys.executable, "-c", GIL_HELD_SCRIPT], cwd=REPO,
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    done = run_command([sys.executable, "-c", GIL_HELD_SCRIPT], timeout=60)
     waited = time.monotonic() - started
     assert done.returncode == 1
     assert "returned" not in done.stdout
@@ -130,7 +126,6 @@ dist.destroy_process_group()
 
 
 def test_a_group_with_gloo_among_its_backends_meets_in_the_all_reduce():
-    done = subprocess.run([sys.executable, "-c", MEET_SCRIPT], cwd=REPO,
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    done = run_command([sys.executable, "-c", MEET_SCRIPT], timeout=60)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "kept [1.0]" in done.stdout
